@@ -1,0 +1,48 @@
+# The front door. `make demo` and `make test` work on a fresh clone with only
+# Python installed: they create .venv, build the extension and install the
+# package into it, then run from outside the source tree so that the
+# installed copy is what gets imported.
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.deps-installed
+SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi) setup.py pyproject.toml
+
+.PHONY: help venv build install demo test test-only typecheck clean
+
+help:
+	@echo "make demo    - set up .venv, build, run examples/quickstart.py"
+	@echo "make test    - set up .venv, build, install, run the full suite"
+	@echo "make build   - compile the extension in place (for development)"
+	@echo "make clean   - remove build products"
+
+$(STAMP): requirements/test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -r requirements/test.txt
+	touch $@
+
+venv: $(STAMP)
+
+# Build a wheel and install it (not editable), so tests see what users get.
+$(VENV)/.installed: $(STAMP) $(SOURCES)
+	rm -rf build dist
+	$(VPY) -m pip wheel --no-build-isolation --no-deps -q -w dist .
+	$(PIP) install --force-reinstall --no-deps dist/greenback-*.whl
+	touch $@
+
+install: $(VENV)/.installed
+
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+
+demo: install
+	cd examples && ../$(VPY) quickstart.py
+
+test: install
+	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info greenback/*.c greenback/*.so greenback/*.html

@@ -1,0 +1,1047 @@
+# cython: language_level=3, embedsignature=True, binding=True
+# cython: boundscheck=False, wraparound=False
+"""greenback's hot path: the portal shim, the worker greenlets and ``await_``.
+
+How a portal works
+------------------
+A *portal* sits between an event loop and the code of one task. Every time the
+loop resumes the task (a "step"), the portal runs the step inside a *worker*
+greenlet instead of the loop's own greenlet. If synchronous code in that step
+calls :func:`await_`, ``await_`` can then switch from the worker straight back
+to the loop's greenlet, handing over whatever the awaited coroutine yielded
+(a future, a Trio trap, ...). When the loop resumes the task, the portal
+switches back into the suspended ``await_``.
+
+Nothing travels through the greenlet switches themselves: the value to send,
+the exception to throw, and what the step produced are all C fields of the
+:class:`Portal`, and the portal whose step is running is a per-thread C
+variable. One switch into the worker and one switch out is the whole cost of
+a step.
+
+Three kinds of portal share one class:
+
+* ``MODE_TASK``: installed as a task's coroutine by ``bestow_portal``; wraps
+  the task's original coroutine for the rest of its life.
+* ``MODE_RUN``: what ``with_portal_run(fn, ...)`` returns; wraps ``fn(...)``.
+* ``MODE_SYNC``: what ``with_portal_run_sync(fn, ...)`` returns; calls ``fn``
+  inside a worker.
+
+The one-shot kinds check on their first step whether a portal is already
+active; if so they simply run their function in place ("passthrough").
+"""
+
+cimport cython
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
+
+from greenback._greenlet cimport (
+    PyGreenlet,
+    PyGreenlet_GetCurrent,
+    PyGreenlet_New,
+    PyGreenlet_Switch,
+    import_greenlet,
+)
+
+import threading
+import warnings
+from functools import partial
+
+import greenlet
+
+from greenback._worker import run_worker
+
+import_greenlet()
+
+
+cdef extern from *:
+    """
+    /* The portal whose step is running on this OS thread, or NULL.  Borrowed:
+       the step that sets it holds a reference for as long as it is set. */
+    static __thread PyObject *gb_active_portal = NULL;
+
+    /* The thread's current contextvars.Context (borrowed, may be NULL).  There
+       is no public getter that does not copy it. */
+    static inline PyObject *gb_current_context(void) {
+        return PyThreadState_Get()->context;
+    }
+
+    /* Take the exception being raised, normalized, as a new reference. */
+    static PyObject *gb_fetch_exception(void) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        return PyErr_GetRaisedException();
+    #else
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (tb != NULL) {
+            PyException_SetTraceback(v, tb);
+            Py_DECREF(tb);
+        }
+        Py_XDECREF(t);
+        return v;
+    #endif
+    }
+
+    /* Raise `exc` (borrowed) again with its own traceback and no implicit
+       chaining: it continues the propagation that gb_fetch_exception paused. */
+    static void gb_reraise(PyObject *exc) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        Py_INCREF(exc);
+        PyErr_SetRaisedException(exc);
+    #else
+        PyObject *tb = PyException_GetTraceback(exc);
+        Py_INCREF(Py_TYPE(exc));
+        Py_INCREF(exc);
+        PyErr_Restore((PyObject *)Py_TYPE(exc), exc, tb);
+    #endif
+    }
+
+    /* Signal "returned `value`" the way a generator's send() does. */
+    static void gb_set_stop_iteration(PyObject *value) {
+        if (value == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
+            return;
+        }
+        /* Wrap explicitly: PyErr_SetObject would unpack a tuple `value`. */
+        PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
+        if (stop != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, stop);
+            Py_DECREF(stop);
+        }
+    }
+
+    /* Raise exc_type(msg) from `cause` (borrowed). */
+    static void gb_raise_from(PyObject *exc_type, const char *msg, PyObject *cause) {
+        PyErr_SetString(exc_type, msg);
+        PyObject *exc = gb_fetch_exception();
+        Py_INCREF(cause);
+        PyException_SetCause(exc, cause);
+        Py_INCREF(cause);
+        PyException_SetContext(exc, cause);
+        gb_reraise(exc);
+        Py_DECREF(exc);
+    }
+
+    /* Return -1 so that Cython propagates the exception that is already set
+       (adding a traceback entry for the calling function only). */
+    static inline int gb_propagate(void) { return -1; }
+
+    /* Throw `exc` into the iterator `it`, as `await` does when its awaiting
+       frame is resumed with an exception.  Same contract as PyIter_Send. */
+    static PySendResult gb_throw(PyObject *it, PyObject *exc, PyObject **result) {
+        PyObject *meth = PyObject_GetAttrString(it, "throw");
+        *result = NULL;
+        if (meth == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return PYGEN_ERROR;
+            PyErr_Clear();
+            /* No throw(): the exception surfaces at the await itself, after
+               closing the iterator if the exception asks for that. */
+            if (PyErr_GivenExceptionMatches(exc, PyExc_GeneratorExit)) {
+                PyObject *close = PyObject_GetAttrString(it, "close");
+                if (close == NULL) {
+                    PyErr_Clear();
+                } else {
+                    PyObject *r = PyObject_CallNoArgs(close);
+                    Py_DECREF(close);
+                    if (r == NULL) return PYGEN_ERROR;
+                    Py_DECREF(r);
+                }
+            }
+            gb_reraise(exc);
+            return PYGEN_ERROR;
+        }
+        PyObject *r = PyObject_CallOneArg(meth, exc);
+        Py_DECREF(meth);
+        if (r != NULL) {
+            *result = r;
+            return PYGEN_NEXT;
+        }
+        if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+            PyObject *stop = gb_fetch_exception();
+            PyObject *value = PyObject_GetAttrString(stop, "value");
+            Py_DECREF(stop);
+            if (value == NULL) return PYGEN_ERROR;
+            *result = value;
+            return PYGEN_RETURN;
+        }
+        return PYGEN_ERROR;
+    }
+
+    /* The iterator that `await aw` would drive, or NULL with TypeError set. */
+    static PyObject *gb_awaitable_iter(PyObject *aw) {
+        if (PyCoro_CheckExact(aw)) {
+            Py_INCREF(aw);
+            return aw;
+        }
+        PyTypeObject *tp = Py_TYPE(aw);
+        if (PyGen_CheckExact(aw)) {
+            /* Generator-based coroutines (@types.coroutine) are awaitable. */
+            PyObject *code = PyObject_GetAttrString(aw, "gi_code");
+            if (code == NULL) return NULL;
+            int iterable = (((PyCodeObject *)code)->co_flags & CO_ITERABLE_COROUTINE) != 0;
+            Py_DECREF(code);
+            if (iterable) {
+                Py_INCREF(aw);
+                return aw;
+            }
+        }
+        else if (tp->tp_as_async != NULL && tp->tp_as_async->am_await != NULL) {
+            PyObject *it = tp->tp_as_async->am_await(aw);
+            if (it == NULL) return NULL;
+            if (PyCoro_CheckExact(it)) {
+                Py_DECREF(it);
+                PyErr_SetString(PyExc_TypeError, "__await__() returned a coroutine");
+                return NULL;
+            }
+            if (!PyIter_Check(it)) {
+                PyErr_Format(PyExc_TypeError,
+                             "__await__() returned non-iterator of type '%.100s'",
+                             Py_TYPE(it)->tp_name);
+                Py_DECREF(it);
+                return NULL;
+            }
+            return it;
+        }
+        PyErr_Format(PyExc_TypeError,
+                     "object %.100s can't be used in 'await' expression; "
+                     "greenback.await_() takes a coroutine or another awaitable",
+                     tp->tp_name);
+        return NULL;
+    }
+
+    /* Portals are coroutines to the outside world.  Cython has no way to
+       define am_send, nor send()/throw() methods that leave tracebacks alone,
+       so those are written as plain C functions and put on the type here. */
+    static int gb_install_coroutine_slots(PyTypeObject *tp, iternextfunc next,
+                                          sendfunc am_send, PyMethodDef *methods) {
+        if (tp->tp_as_async == NULL) {
+            PyErr_SetString(PyExc_SystemError, "greenback.Portal has no tp_as_async");
+            return -1;
+        }
+        tp->tp_as_async->am_send = am_send;
+    #ifdef Py_TPFLAGS_HAVE_AM_SEND
+        tp->tp_flags |= Py_TPFLAGS_HAVE_AM_SEND;
+    #endif
+        tp->tp_iternext = next;
+        for (PyMethodDef *m = methods; m->ml_name != NULL; m++) {
+            PyObject *descr = PyDescr_NewMethod(tp, m);
+            if (descr == NULL) return -1;
+            int rc = PyDict_SetItemString(tp->tp_dict, m->ml_name, descr);
+            Py_DECREF(descr);
+            if (rc < 0) return -1;
+        }
+        PyType_Modified(tp);
+        return 0;
+    }
+    """
+    PyObject* gb_active_portal
+    PyObject* gb_current_context()
+    PyObject* gb_fetch_exception()
+    void gb_reraise(PyObject* exc)
+    void gb_set_stop_iteration(PyObject* value)
+    int gb_propagate() except -1
+
+    ctypedef enum PySendResult:
+        PYGEN_RETURN
+        PYGEN_ERROR
+        PYGEN_NEXT
+    PySendResult PyIter_Send(PyObject* it, PyObject* arg, PyObject** result)
+    PySendResult gb_throw(PyObject* it, PyObject* exc, PyObject** result)
+    PyObject* gb_awaitable_iter(PyObject* aw)
+
+    ctypedef PyObject* (*iternextfunc)(PyObject*)
+    ctypedef PySendResult (*sendfunc)(PyObject*, PyObject*, PyObject**)
+    ctypedef PyObject* (*PyCFunction)(PyObject*, PyObject*)
+    ctypedef struct PyMethodDef:
+        const char* ml_name
+        PyCFunction ml_meth
+        int ml_flags
+        const char* ml_doc
+    int METH_O, METH_VARARGS, METH_NOARGS
+    ctypedef struct PyTypeObject
+    int gb_install_coroutine_slots(PyTypeObject* tp, iternextfunc next,
+                                   sendfunc am_send, PyMethodDef* methods) except -1
+
+    # Raw C-API calls: NULL / -1 results are checked by hand, so that no
+    # traceback entry of greenback's is added to the wrapped code's errors.
+    PyObject* PyObject_Call(PyObject* fn, PyObject* args, PyObject* kwargs)
+    PyObject* PyObject_CallNoArgs(PyObject* fn)
+    PyObject* PyObject_CallOneArg(PyObject* fn, PyObject* arg)
+    PyObject* PyObject_GetAttr(PyObject* obj, PyObject* name)
+    int PyObject_SetAttr(PyObject* obj, PyObject* name, PyObject* value)
+    int PyList_Append(PyObject* lst, PyObject* item)
+    int PyErr_ExceptionMatches(PyObject* exc)
+    void PyErr_SetString(PyObject* exc, const char* msg)
+    void PyErr_WriteUnraisable(PyObject* obj)
+    PyObject* PyExc_StopIteration
+    PyObject* PyExc_RuntimeError
+    PyObject* PyExc_ValueError
+    void gb_raise_from(PyObject* exc_type, const char* msg, PyObject* cause)
+
+
+cdef enum:
+    MODE_TASK = 0
+    MODE_RUN = 1
+    MODE_SYNC = 2
+
+# What the worker reports back after a unit of work.
+cdef enum:
+    OUT_NONE = 0     # nothing: the worker never ran (it died or was killed)
+    OUT_YIELD = 1    # out_value is an event loop trap to pass to the loop
+    OUT_RETURN = 2   # out_value is the return value
+    OUT_RAISE = 3    # out_value is the exception raised
+
+# Parked workers kept per thread; more than this are let go.
+DEF MAX_PARKED_WORKERS = 64
+
+
+# ---------------------------------------------------------------------------
+# Worker greenlets
+# ---------------------------------------------------------------------------
+
+cdef object _thread_state = threading.local()
+cdef object _GR_CONTEXT = "gr_context"
+
+
+def _acquire_worker():
+    """A parked worker greenlet of this thread, or a new one."""
+    try:
+        parked = _thread_state.parked
+    except AttributeError:
+        parked = _thread_state.parked = []
+    if parked:
+        return parked.pop()
+    # A fresh greenlet costs ~10 us (it maps a new frame-stack block), hence
+    # the pool. Its parent is the current greenlet; that only matters if the
+    # worker is ever killed, when control goes back there.
+    return greenlet.greenlet(_worker_entry)
+
+
+def _park_worker(worker):
+    parked = _thread_state.__dict__.setdefault("parked", [])
+    if len(parked) < MAX_PARKED_WORKERS:
+        parked.append(worker)
+
+
+cdef inline PyObject* _current_greenlet() noexcept:
+    """The running greenlet, borrowed: a greenlet is alive while it runs."""
+    cdef PyGreenlet* g = PyGreenlet_GetCurrent()
+    Py_DECREF(<object>g)
+    return <PyObject*>g
+
+
+def _serve_portals():
+    """Body of every worker greenlet: do the unit of work that the active
+    portal asks for, report back to the greenlet that runs the step, repeat.
+
+    It holds no reference to a portal while parked: a task that is dropped
+    must be able to free its portal, whose finalizer then unwinds this worker.
+    """
+    cdef PyObject* me = _current_greenlet()
+    cdef PyObject* p
+    cdef PyObject* r
+    while True:
+        p = gb_active_portal
+        if p == NULL or <PyObject*>(<Portal>p).worker != me:
+            # Resumed by something other than a step of our portal: greenlet
+            # is killing us (GreenletExit), or someone switched here by hand.
+            return None
+        (<Portal>p)._work()
+        # Re-read: if greenlet killed this worker while it was suspended in
+        # await_(), the step that resumed the work is gone and so may be `p`.
+        p = gb_active_portal
+        if p == NULL or <PyObject*>(<Portal>p).worker != me:
+            return None
+        r = PyGreenlet_Switch(<PyGreenlet*>(<Portal>p).outer, NULL, NULL)
+        if r == NULL:
+            # Thrown into while parked (GreenletExit on kill): let it end us.
+            gb_propagate()
+        Py_DECREF(<object>r)
+
+
+# A worker's first frame must be a real Python frame: greenlet refuses to set
+# gr_context on a suspended greenlet whose stack holds only C frames.
+_worker_entry = partial(run_worker, _serve_portals)
+
+
+# ---------------------------------------------------------------------------
+# The portal
+# ---------------------------------------------------------------------------
+
+@cython.final
+cdef class Portal:
+    """A coroutine shim that runs each step of what it wraps in a worker
+    greenlet, so that :func:`await_` can suspend from synchronous code.
+
+    Instances are created by :func:`greenback.bestow_portal`,
+    :func:`with_portal_run` and :func:`with_portal_run_sync`; they behave as
+    coroutines (``send``, ``throw``, ``close``, ``__await__``) and show the
+    frames of the coroutine they wrap to introspection tools.
+    """
+
+    cdef int mode
+    cdef bint started
+    cdef bint finished
+    cdef bint running
+    cdef bint passthrough
+    cdef object coro      # what the steps drive (MODE_TASK/RUN), once known
+    cdef object fn        # MODE_RUN/SYNC: the function, until it is called
+    cdef object args
+    cdef object kwargs
+    cdef object worker    # the worker greenlet, while the portal is live
+    cdef object resume    # greenlet to switch into for the next step
+    cdef object outer     # greenlet running the current step
+    cdef object last_ctx  # context last propagated into the worker
+    cdef object send_value
+    cdef object send_exc
+    cdef object out_value
+    cdef int out_kind
+
+    # --- the step, on the event loop's side --------------------------------
+    # These are noexcept C functions that return -1 with an exception set:
+    # Cython would add a traceback entry to every exception it propagates,
+    # and the wrapped code's exceptions must reach the loop untouched.
+
+    cdef int _step(self, object value, object exc) noexcept:
+        """Run one step. Returns 0 if the wrapped code yielded (the trap is in
+        out_value), 1 if it returned (the value is in out_value), or -1 with
+        an exception set."""
+        global gb_active_portal
+        cdef PyObject* prev
+        cdef PyObject* r
+        cdef PyObject* ctx
+        if self.running:
+            PyErr_SetString(PyExc_ValueError, "coroutine already executing")
+            return -1
+        if self.finished:
+            PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine")
+            return -1
+        if not self.started:
+            self.started = True
+            if self.mode != MODE_TASK and gb_active_portal != NULL:
+                # Already under a portal: run in place, no worker needed.
+                self.passthrough = True
+        if self.passthrough:
+            return self._step_in_place(value, exc)
+
+        if self.worker is None:
+            r = PyObject_CallNoArgs(<PyObject*>_acquire_worker)
+            if r == NULL:
+                return -1
+            self.worker = self.resume = <object>r
+            Py_DECREF(<object>r)
+        r = _current_greenlet()
+        if <PyObject*>self.outer != r:
+            self.outer = <object>r
+        ctx = gb_current_context()
+        if ctx != <PyObject*>self.last_ctx:
+            if self._propagate_context(ctx) < 0:
+                return -1
+
+        self.send_value = value
+        self.send_exc = exc
+        self.out_kind = OUT_NONE
+        prev = gb_active_portal
+        gb_active_portal = <PyObject*>self
+        self.running = True
+        r = PyGreenlet_Switch(<PyGreenlet*>self.resume, NULL, NULL)
+        self.running = False
+        gb_active_portal = prev
+        if r == NULL:
+            # The switch itself failed, e.g. stepped from another thread.
+            self.send_value = self.send_exc = None
+            return -1
+        Py_DECREF(<object>r)
+
+        if self.out_kind == OUT_YIELD:
+            return 0
+        self._finish()
+        if self.out_kind == OUT_RETURN:
+            return 1
+        if self.out_kind == OUT_RAISE:
+            return self._raise_out_value()
+        PyErr_SetString(
+            PyExc_RuntimeError,
+            "greenback's worker greenlet ended without finishing the step; "
+            "was it killed, or switched away from by hand?")
+        return -1
+
+    cdef int _raise_out_value(self) noexcept:
+        exc = self.out_value
+        self.out_value = None
+        if self.mode == MODE_SYNC and isinstance(exc, StopIteration):
+            # As in a generator, StopIteration must not pass for a return.
+            gb_raise_from(PyExc_RuntimeError,
+                          "with_portal_run_sync() function raised StopIteration",
+                          <PyObject*>exc)
+        else:
+            gb_reraise(<PyObject*>exc)
+        return -1
+
+    cdef int _step_in_place(self, object value, object exc) noexcept:
+        cdef PyObject* res = NULL
+        cdef PySendResult status
+        if self.mode == MODE_SYNC:
+            self.finished = True
+            fn, args, kwargs = self.fn, self.args, self.kwargs
+            self.fn = self.args = self.kwargs = None
+            if exc is not None:
+                gb_reraise(<PyObject*>exc)
+                return -1
+            res = PyObject_Call(<PyObject*>fn, <PyObject*>args,
+                                <PyObject*>kwargs if kwargs else NULL)
+            if res == NULL:
+                if PyErr_ExceptionMatches(PyExc_StopIteration):
+                    self.out_value = <object>gb_fetch_exception()
+                    Py_DECREF(self.out_value)
+                    return self._raise_out_value()
+                return -1
+            self.out_value = <object>res
+            Py_DECREF(<object>res)
+            return 1
+        if self.coro is None:
+            if exc is not None:
+                self.finished = True
+                self.fn = self.args = self.kwargs = None
+                gb_reraise(<PyObject*>exc)
+                return -1
+            if self._create_coro() < 0:
+                self.finished = True
+                return -1
+        self.running = True
+        if exc is None:
+            status = PyIter_Send(<PyObject*>self.coro, <PyObject*>value, &res)
+        else:
+            status = gb_throw(<PyObject*>self.coro, <PyObject*>exc, &res)
+        self.running = False
+        if status == PYGEN_ERROR:
+            self.finished = True
+            self.coro = None
+            return -1
+        self.out_value = <object>res
+        Py_DECREF(<object>res)
+        if status == PYGEN_RETURN:
+            self.finished = True
+            self.coro = None
+            return 1
+        return 0
+
+    cdef int _create_coro(self) noexcept:
+        """MODE_RUN: call fn and get the iterator that awaiting it drives."""
+        cdef PyObject* aw
+        cdef PyObject* it
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.fn = self.args = self.kwargs = None
+        aw = PyObject_Call(<PyObject*>fn, <PyObject*>args,
+                           <PyObject*>kwargs if kwargs else NULL)
+        if aw == NULL:
+            return -1
+        it = gb_awaitable_iter(aw)
+        Py_DECREF(<object>aw)
+        if it == NULL:
+            return -1
+        self.coro = <object>it
+        Py_DECREF(<object>it)
+        return 0
+
+    cdef int _propagate_context(self, PyObject* ctx) noexcept:
+        # Give the worker the task's context, unless the worker switched to
+        # another context itself (Context.run() around an await_), which wins.
+        cdef PyObject* cur
+        cdef bint follow = True
+        if ctx == NULL:
+            ctx = <PyObject*>None
+        if self.last_ctx is not None:
+            cur = PyObject_GetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT)
+            if cur == NULL:
+                return -1
+            follow = cur == <PyObject*>self.last_ctx
+            Py_DECREF(<object>cur)
+        if follow and PyObject_SetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+            return -1
+        self.last_ctx = <object>ctx
+        return 0
+
+    cdef void _finish(self) noexcept:
+        """Mark the portal done and park its worker for reuse."""
+        cdef PyObject* r
+        self.finished = True
+        worker = self.worker
+        self.worker = self.resume = self.outer = None
+        self.coro = None
+        self.send_value = self.send_exc = None
+        if worker is None or self.out_kind == OUT_NONE:
+            return
+        if self.last_ctx is not None:
+            # Don't let a parked worker keep a finished task's context alive.
+            self.last_ctx = None
+            if PyObject_SetAttr(<PyObject*>worker, <PyObject*>_GR_CONTEXT, <PyObject*>None) < 0:
+                PyErr_WriteUnraisable(<PyObject*>worker)
+                return
+        r = PyObject_CallOneArg(<PyObject*>_park_worker, <PyObject*>worker)
+        if r == NULL:
+            PyErr_WriteUnraisable(<PyObject*>worker)
+        else:
+            Py_DECREF(<object>r)
+
+    # --- the unit of work, on the worker's side ----------------------------
+
+    cdef void _work(self) noexcept:
+        """Called in the worker: start the function, or send/throw into the
+        coroutine, then record what came out. Never raises."""
+        cdef PyObject* res = NULL
+        cdef PySendResult status
+        if self.send_exc is not None and self.coro is None:
+            # Thrown into before it started: the function never runs.
+            self.fn = self.args = self.kwargs = None
+            exc = self.send_exc
+            self.send_exc = None
+            gb_reraise(<PyObject*>exc)
+            status = PYGEN_ERROR
+        elif self.mode == MODE_SYNC:
+            fn, args, kwargs = self.fn, self.args, self.kwargs
+            self.fn = self.args = self.kwargs = None
+            self.send_value = None
+            res = PyObject_Call(<PyObject*>fn, <PyObject*>args,
+                                <PyObject*>kwargs if kwargs else NULL)
+            status = PYGEN_RETURN if res != NULL else PYGEN_ERROR
+        else:
+            status = self._send_into_coro(&res)
+        # Killed while inside user code? Then `self` may be gone: don't touch it.
+        if gb_active_portal != <PyObject*>self:
+            if res != NULL:
+                Py_DECREF(<object>res)
+            return
+        if status == PYGEN_ERROR:
+            self.out_kind = OUT_RAISE
+            self.out_value = <object>gb_fetch_exception()
+            Py_DECREF(self.out_value)
+            return
+        self.out_kind = OUT_YIELD if status == PYGEN_NEXT else OUT_RETURN
+        self.resume = self.worker
+        self.out_value = <object>res
+        Py_DECREF(<object>res)
+
+    cdef PySendResult _send_into_coro(self, PyObject** res) noexcept:
+        if self.coro is None and self._create_coro() < 0:
+            return PYGEN_ERROR
+        # Hold the coroutine for the duration: it must not be freed while it
+        # runs, even if the portal lets go of it.
+        coro = self.coro
+        value, exc = self.send_value, self.send_exc
+        self.send_value = self.send_exc = None
+        if exc is None:
+            return PyIter_Send(<PyObject*>coro, <PyObject*>value, res)
+        return gb_throw(<PyObject*>coro, <PyObject*>exc, res)
+
+    # --- coroutine protocol --------------------------------------------------
+    # send(), throw(), __next__ and am_send are C functions installed at
+    # import (see _portal_send and friends below); these Cython definitions
+    # only make Cython create the slots.
+
+    def __await__(self):
+        return self
+
+    def __next__(self):
+        raise NotImplementedError  # replaced by _portal_iternext at import
+
+    def send(self, value):
+        raise NotImplementedError  # replaced by _portal_send at import
+
+    def throw(self, typ, val=None, tb=None):
+        raise NotImplementedError  # replaced by _portal_throw at import
+
+    def close(self):
+        """close() -> raise GeneratorExit inside the wrapped code."""
+        cdef int rc
+        if self.running:
+            raise ValueError("coroutine already executing")
+        if self.finished:
+            return None
+        if not self.started or (self.passthrough and self.mode == MODE_RUN):
+            self.finished = True
+            self.fn = self.args = self.kwargs = None
+            coro, self.coro = self.coro, None
+            if coro is not None:
+                coro.close()
+            return None
+        rc = self._step(None, GeneratorExit())
+        if rc < 0:
+            try:
+                gb_propagate()
+            except (GeneratorExit, StopIteration):
+                return None
+        if rc == 0:
+            self.out_value = None
+            raise RuntimeError("coroutine ignored GeneratorExit")
+
+    def __del__(self):
+        if self.finished:
+            return
+        if not self.started and self.mode != MODE_TASK:
+            warnings.warn(
+                f"coroutine '{self.__qualname__}' was never awaited",
+                RuntimeWarning, stacklevel=1, source=self)
+            self.finished = True
+            self.fn = self.args = self.kwargs = None
+            return
+        self.close()
+
+    # --- introspection: look like the coroutine we wrap ---------------------
+
+    @property
+    def cr_frame(self):
+        coro = self.coro
+        if coro is None:
+            return None
+        try:
+            return coro.cr_frame
+        except AttributeError:
+            return getattr(coro, "gi_frame", None)
+
+    @property
+    def cr_await(self):
+        coro = self.coro
+        if coro is None:
+            return None
+        try:
+            return coro.cr_await
+        except AttributeError:
+            return getattr(coro, "gi_yieldfrom", None)
+
+    @property
+    def cr_code(self):
+        coro = self.coro
+        if coro is None:
+            return None
+        try:
+            return coro.cr_code
+        except AttributeError:
+            return getattr(coro, "gi_code", None)
+
+    @property
+    def cr_running(self):
+        return self.running
+
+    @property
+    def cr_suspended(self):
+        return self.started and not self.finished and not self.running
+
+    @property
+    def cr_origin(self):
+        return None
+
+    @property
+    def __name__(self):
+        return self._name(False)
+
+    @property
+    def __qualname__(self):
+        return self._name(True)
+
+    cdef str _name(self, bint qualified):
+        if self.coro is not None:
+            try:
+                return self.coro.__qualname__ if qualified else self.coro.__name__
+            except AttributeError:
+                pass
+        return ("greenback.bestow_portal", "with_portal_run", "with_portal_run_sync")[self.mode]
+
+    def __repr__(self):
+        target = self.coro if self.coro is not None else self.fn
+        return f"<greenback portal {self._name(True)} around {target!r}>"
+
+    # --- queries used by the Python facade -----------------------------------
+
+    @property
+    def provides_portal(self):
+        """True while this object gives its task a portal: it is live, and it
+        did not find a portal already in place when it started."""
+        return not self.finished and not self.passthrough and (
+            self.started or self.mode == MODE_TASK)
+
+    def detach(self):
+        """Stop being a portal and return the wrapped coroutine, which the
+        caller puts back in the task. Only between steps, and only while no
+        await_() is suspended."""
+        if self.mode != MODE_TASK or self.running:
+            raise RuntimeError("only an idle task portal can be detached")
+        if self.worker is not None and self.resume is not self.worker:
+            raise RuntimeError("cannot detach a portal while await_() is suspended in it")
+        coro = self.coro
+        self.out_kind = OUT_RETURN  # the worker is idle in its loop: reusable
+        self._finish()
+        return coro
+
+
+cdef Portal _new_portal(int mode, object fn, tuple args, dict kwargs):
+    cdef Portal portal = Portal.__new__(Portal)
+    portal.mode = mode
+    portal.fn = fn
+    portal.args = args
+    portal.kwargs = kwargs
+    return portal
+
+
+# --- the C implementations of the coroutine protocol ------------------------
+
+cdef inline PyObject* _result_or_stop(Portal self, int rc, bint stop_for_none) noexcept:
+    cdef PyObject* out
+    if rc < 0:
+        return NULL
+    out = <PyObject*>self.out_value
+    if rc == 0:
+        Py_INCREF(<object>out)
+        self.out_value = None
+        return out
+    if stop_for_none or out != <PyObject*>None:
+        gb_set_stop_iteration(out)
+    self.out_value = None
+    return NULL
+
+
+cdef PyObject* _portal_iternext(PyObject* self) noexcept:
+    # A NULL return with no exception set means "returned None".
+    return _result_or_stop(<Portal>self, (<Portal>self)._step(None, None), False)
+
+
+cdef PySendResult _portal_am_send(PyObject* self, PyObject* arg, PyObject** result) noexcept:
+    cdef Portal portal = <Portal>self
+    cdef int rc = portal._step(<object>arg, None)
+    if rc < 0:
+        result[0] = NULL
+        return PYGEN_ERROR
+    result[0] = <PyObject*>portal.out_value
+    Py_INCREF(portal.out_value)
+    portal.out_value = None
+    return PYGEN_NEXT if rc == 0 else PYGEN_RETURN
+
+
+cdef PyObject* _portal_send(PyObject* self, PyObject* arg) noexcept:
+    return _result_or_stop(<Portal>self, (<Portal>self)._step(<object>arg, None), True)
+
+
+cdef PyObject* _portal_throw(PyObject* self, PyObject* args) noexcept:
+    cdef PyObject* exc = PyObject_Call(<PyObject*>_exception_from_throw_args, args, NULL)
+    if exc == NULL:
+        return NULL
+    cdef int rc = (<Portal>self)._step(None, <object>exc)
+    Py_DECREF(<object>exc)
+    return _result_or_stop(<Portal>self, rc, True)
+
+
+def _exception_from_throw_args(typ, val=None, tb=None):
+    """Turn throw()'s (type[, value[, traceback]]) or (instance) into one
+    exception instance, as generators do."""
+    if isinstance(typ, BaseException):
+        if val is not None:
+            raise TypeError("instance exception may not have a separate value")
+        exc = typ
+    elif isinstance(typ, type) and issubclass(typ, BaseException):
+        if isinstance(val, typ):
+            exc = val
+        elif val is None:
+            exc = typ()
+        elif isinstance(val, tuple):
+            exc = typ(*val)
+        else:
+            exc = typ(val)
+    else:
+        raise TypeError(
+            "exceptions must be classes or instances deriving from "
+            f"BaseException, not {type(typ).__name__}")
+    if tb is not None:
+        exc = exc.with_traceback(tb)
+    return exc
+
+
+cdef PyMethodDef _portal_methods[3]
+_portal_methods[0].ml_name = "send"
+_portal_methods[0].ml_meth = <PyCFunction>_portal_send
+_portal_methods[0].ml_flags = METH_O
+_portal_methods[0].ml_doc = "send(value) -> next yielded value or raise StopIteration."
+_portal_methods[1].ml_name = "throw"
+_portal_methods[1].ml_meth = <PyCFunction>_portal_throw
+_portal_methods[1].ml_flags = METH_VARARGS
+_portal_methods[1].ml_doc = "throw(value) -> next yielded value or raise StopIteration."
+_portal_methods[2].ml_name = NULL
+
+gb_install_coroutine_slots(<PyTypeObject*>Portal, _portal_iternext,
+                           _portal_am_send, _portal_methods)
+
+
+# ---------------------------------------------------------------------------
+# The public entry points
+# ---------------------------------------------------------------------------
+
+def with_portal_run(async_fn, *args, **kwds):
+    """Execute ``await async_fn(*args, **kwds)`` with a portal available for
+    at least the duration of that call, so that the code it runs can use
+    :func:`await_`.
+
+    If the current task already has a portal, this simply awaits
+    ``async_fn(*args, **kwds)``. Otherwise a portal is created that lasts only
+    for the call; an :func:`ensure_portal` inside it does not extend it.
+    Adds no checkpoint (schedule or cancellation point) of its own.
+    ``async_fn`` may return any awaitable, not only a coroutine.
+    """
+    return _new_portal(MODE_RUN, async_fn, args, kwds)
+
+
+def with_portal_run_sync(sync_fn, *args, **kwds):
+    """Execute ``sync_fn(*args, **kwds)`` with a portal available for at least
+    the duration of that call, so that it can use :func:`await_`.
+
+    If the current task already has a portal, this simply calls *sync_fn*.
+    Adds no checkpoint beyond those of the :func:`await_` calls that *sync_fn*
+    makes. Returns what *sync_fn* returns; must be awaited.
+    """
+    return _new_portal(MODE_SYNC, sync_fn, args, kwds)
+
+
+def make_task_portal(coro, started):
+    """The portal to install as a task's coroutine in place of *coro*;
+    *started* says whether *coro* has begun running."""
+    cdef Portal portal = Portal.__new__(Portal)
+    portal.mode = MODE_TASK
+    portal.coro = coro
+    portal.started = started
+    return portal
+
+
+def in_active_portal():
+    """True if the code calling this runs inside a portal's step, that is,
+    :func:`await_` would work here."""
+    return gb_active_portal != NULL
+
+
+def await_(aw):
+    """Run an awaitable from synchronous code and return its result.
+
+    ``greenback.await_(foo())`` does what ``await foo()`` does, but from a
+    plain ``def`` function, at any depth below a task that has a portal
+    (see :func:`ensure_portal` and :func:`with_portal_run_sync`). Exceptions,
+    cancellation included, come out of ``await_`` like they would out of
+    ``await``.
+    """
+    cdef PyObject* p = gb_active_portal
+    cdef PyObject* me
+    cdef PyObject* res = NULL
+    cdef PyObject* r
+    cdef PySendResult status
+    cdef Portal portal
+    if p == NULL:
+        _raise_no_portal(aw)
+    cdef PyObject* itp = gb_awaitable_iter(<PyObject*>aw)
+    if itp == NULL:
+        gb_propagate()
+    it = <object>itp
+    Py_DECREF(it)
+    me = _current_greenlet()
+    value = None
+    exc = None
+    while True:
+        if exc is None:
+            status = PyIter_Send(itp, <PyObject*>value, &res)
+        else:
+            status = gb_throw(itp, <PyObject*>exc, &res)
+            exc = None
+        value = None
+        if status == PYGEN_RETURN:
+            result = <object>res
+            Py_DECREF(result)
+            return result
+        if status == PYGEN_ERROR:
+            gb_propagate()
+        if p == NULL:
+            # Detached by a kill (see below) and the coroutine wants to
+            # suspend again: there is no event loop to give it to.
+            Py_DECREF(<object>res)
+            it.close()
+            raise RuntimeError("greenback.await_() lost its portal")
+        # Hand the trap to the step that resumed us, and wait to be resumed.
+        portal = <Portal>p
+        portal.out_value = <object>res
+        Py_DECREF(portal.out_value)
+        portal.out_kind = OUT_YIELD
+        if <PyObject*>portal.resume != me:
+            portal.resume = <object>me
+        r = <PyObject*>portal.outer
+        portal = None  # hold no reference while suspended (see _serve_portals)
+        r = PyGreenlet_Switch(<PyGreenlet*>r, NULL, NULL)
+        if r == NULL:
+            # greenlet threw into us (GreenletExit when this greenlet is
+            # garbage-collected). The portal may be gone: unwind the awaited
+            # coroutine with the exception, then let it propagate.
+            p = NULL
+            exc = <object>gb_fetch_exception()
+            Py_DECREF(exc)
+            continue
+        Py_DECREF(<object>r)
+        p = gb_active_portal
+        portal = <Portal>p
+        value = portal.send_value
+        exc = portal.send_exc
+        portal.send_value = portal.send_exc = None
+        portal = None
+
+
+cdef int _raise_no_portal(object aw) except -1:
+    # Close a coroutine we were given but won't run, so that Python does not
+    # warn that it was never awaited.
+    try:
+        from greenback._tasks import explain_missing_portal
+        raise explain_missing_portal()
+    finally:
+        if isinstance(aw, _Coroutine):
+            aw.close()
+
+
+from collections.abc import Coroutine as _Coroutine
+
+
+# ---------------------------------------------------------------------------
+# asyncio's C Task keeps its coroutine in a field that Python cannot assign.
+# ---------------------------------------------------------------------------
+
+cdef Py_ssize_t _c_task_coro_offset = -1
+
+
+def set_c_task_coro(task, old_coro, new_coro):
+    """Replace the coroutine of an asyncio C ``Task`` (``_asyncio.Task``).
+
+    The field's offset is found once, by looking for the pointer to a task's
+    known coroutine, and checked again before every write: if it does not
+    hold *old_coro*, nothing is written and RuntimeError is raised.
+    """
+    global _c_task_coro_offset
+    cdef char* base = <char*><PyObject*>task
+    cdef PyObject** slot
+    cdef Py_ssize_t off, found = -1, size
+    if _c_task_coro_offset < 0:
+        import _asyncio
+        if not isinstance(task, _asyncio.Task):
+            raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
+        size = (<object>_asyncio.Task).__basicsize__
+        for off in range(sizeof(PyObject), size - sizeof(PyObject*) + 1, sizeof(PyObject*)):
+            if (<PyObject**>(base + off))[0] == <PyObject*>old_coro:
+                if found >= 0:
+                    raise RuntimeError(_LAYOUT_ERROR)
+                found = off
+        if found < 0:
+            raise RuntimeError(_LAYOUT_ERROR)
+        _c_task_coro_offset = found
+    slot = <PyObject**>(base + _c_task_coro_offset)
+    if slot[0] != <PyObject*>old_coro or task.get_coro() is not old_coro:
+        raise RuntimeError(_LAYOUT_ERROR)
+    Py_INCREF(new_coro)
+    slot[0] = <PyObject*>new_coro
+    Py_DECREF(old_coro)
+
+
+_LAYOUT_ERROR = (
+    "greenback could not find where this asyncio.Task stores its coroutine, "
+    "so it cannot give the task a portal. Use a task created by "
+    "asyncio.create_task() or loop.create_task(), or run the code with "
+    "'await greenback.with_portal_run(...)' instead."
+)

@@ -1,0 +1,151 @@
+"""Access to the tasks of the supported event loops: which task is running,
+which coroutine a task runs, and how to swap it. Everything that differs
+between asyncio and Trio lives here; none of it is on the hot path."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import TYPE_CHECKING, Any, Coroutine, Union
+
+import sniffio
+
+from . import _core
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import trio
+
+    AnyTask = Union["asyncio.Task[Any]", "trio.lowlevel.Task"]
+
+
+def current_library() -> str:
+    """The running async library, if greenback supports it."""
+    library = sniffio.current_async_library()
+    if library not in ("asyncio", "trio"):
+        raise RuntimeError(
+            f"greenback does not support {library}: it works under asyncio "
+            "(including uvloop) and Trio, directly or through anyio"
+        )
+    return library
+
+
+def current_task() -> AnyTask:
+    library = current_library()
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.current_task()
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError(
+            "greenback needs a running asyncio task, but this code runs in a "
+            "callback outside of any task; start the code in a task instead"
+        )
+    return task
+
+
+async def checkpoint(library: str) -> None:
+    """A schedule point and a cancellation point, on either library."""
+    await sys.modules[library].sleep(0)
+
+
+def _is_trio_task(task: object) -> bool:
+    return type(task).__module__.startswith("trio")
+
+
+def get_coro(task: AnyTask) -> Coroutine[Any, Any, Any]:
+    if _is_trio_task(task):
+        return task.coro  # type: ignore[union-attr]
+    return task.get_coro()  # type: ignore[union-attr,return-value]
+
+
+def set_coro(
+    task: AnyTask, old: Coroutine[Any, Any, Any], new: Coroutine[Any, Any, Any]
+) -> None:
+    if _is_trio_task(task):
+        task.coro = new  # type: ignore[union-attr]
+        return
+    try:
+        # The pure-Python asyncio.Task lets us assign it.
+        task._coro = new  # type: ignore[union-attr]
+    except AttributeError:
+        # The C Task does not: swap the field from C, with checks.
+        _core.set_c_task_coro(task, old, new)
+
+
+def check_task(task: object) -> None:
+    """Reject what is not a live task of a supported library, naming the fix."""
+    import asyncio
+
+    if isinstance(task, asyncio.Task):
+        if task.done():
+            raise RuntimeError(
+                f"cannot give a portal to {task!r}: it has already finished"
+            )
+        return
+    if _is_trio_task(task):
+        import trio
+
+        if isinstance(task, trio.lowlevel.Task):
+            coro = task.coro
+            if inspect.iscoroutine(coro) and coro.cr_frame is None:
+                raise RuntimeError(
+                    f"cannot give a portal to {task!r}: it has already finished"
+                )
+            return
+    raise TypeError(
+        "greenback.bestow_portal() takes an asyncio.Task or a "
+        f"trio.lowlevel.Task, not {type(task).__name__}"
+    )
+
+
+def coro_has_started(coro: object) -> bool:
+    if inspect.iscoroutine(coro):
+        return inspect.getcoroutinestate(coro) != inspect.CORO_CREATED
+    if inspect.isgenerator(coro):
+        return inspect.getgeneratorstate(coro) != inspect.GEN_CREATED
+    return True
+
+
+def portal_in_await_chain(coro: object) -> bool:
+    """Whether a suspended task's chain of awaits passes through a portal
+    that gives the task await_() (a with_portal_run* call in progress)."""
+    seen = 0
+    while coro is not None and seen < 10_000:
+        seen += 1
+        if isinstance(coro, _core.Portal):
+            if coro.provides_portal:
+                return True
+        if hasattr(coro, "cr_await"):
+            coro = coro.cr_await
+        elif hasattr(coro, "gi_yieldfrom"):
+            coro = coro.gi_yieldfrom
+        else:
+            return False
+    return False
+
+
+def explain_missing_portal() -> BaseException:
+    """The error for an await_() that found no active portal."""
+    library = current_library()  # raises outside async context
+    task = current_task()
+    coro = get_coro(task)
+    if isinstance(coro, _core.Portal) and coro.provides_portal:
+        return RuntimeError(
+            "This task was given a greenback portal during its current step, "
+            "and the portal only starts working once the task "
+            f"must yield to the event loop: run 'await {library}.sleep(0)' "
+            "before calling greenback.await_(), or use 'await "
+            "greenback.ensure_portal()', which does that for you."
+        )
+    return RuntimeError(
+        "greenback.await_() needs a portal in the current task, and there is "
+        "none. To create a greenback portal, call 'await "
+        "greenback.ensure_portal()' once in this task, or run the sync code "
+        "through 'await greenback.with_portal_run_sync(fn, *args)' "
+        "(or 'await greenback.with_portal_run(async_fn, *args)')."
+    )
