@@ -874,7 +874,7 @@ gb_install_coroutine_slots(<PyTypeObject*>Portal, _portal_iternext,
 # The public entry points
 # ---------------------------------------------------------------------------
 
-def with_portal_run(async_fn, *args, **kwds):
+def with_portal_run(async_fn, /, *args, **kwds):
     """Execute ``await async_fn(*args, **kwds)`` with a portal available for
     at least the duration of that call, so that the code it runs can use
     :func:`await_`.
@@ -888,7 +888,7 @@ def with_portal_run(async_fn, *args, **kwds):
     return _new_portal(MODE_RUN, async_fn, args, kwds)
 
 
-def with_portal_run_sync(sync_fn, *args, **kwds):
+def with_portal_run_sync(sync_fn, /, *args, **kwds):
     """Execute ``sync_fn(*args, **kwds)`` with a portal available for at least
     the duration of that call, so that it can use :func:`await_`.
 

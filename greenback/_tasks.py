@@ -68,6 +68,11 @@ def set_coro(
 ) -> None:
     if _is_trio_task(task):
         task.coro = new  # type: ignore[union-attr]
+        # A task that is already scheduled has its next send bound to the old
+        # coroutine; rebind it so the portal takes over at that very step.
+        pending = getattr(task, "_next_send_fn", None)
+        if getattr(pending, "__self__", None) is old:
+            task._next_send_fn = getattr(new, pending.__name__)  # type: ignore[union-attr]
         return
     try:
         # The pure-Python asyncio.Task lets us assign it.

@@ -1,0 +1,78 @@
+"""Shared fixtures: every behaviour test runs once per event loop flavour.
+
+The `lib` fixture gives a small adapter so one test body can run on asyncio,
+uvloop, Trio, and anyio on either backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import anyio
+import pytest
+import trio
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop has no wheels for every platform
+    uvloop = None
+
+
+@dataclass(frozen=True)
+class Lib:
+    """How to run things and checkpoint on one event loop."""
+
+    name: str  # "asyncio", "uvloop", "trio", "anyio-asyncio", "anyio-trio"
+    sniffio_name: str  # what sniffio reports: "asyncio" or "trio"
+
+    def run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if self.name == "asyncio":
+            return asyncio.run(fn(*args))
+        if self.name == "uvloop":
+            assert uvloop is not None
+            if sys.version_info >= (3, 11):
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    return runner.run(fn(*args))
+            return uvloop.run(fn(*args))  # pragma: no cover
+        if self.name == "trio":
+            return trio.run(fn, *args)
+        backend = self.name.split("-", 1)[1]
+        return anyio.run(fn, *args, backend=backend)
+
+    async def checkpoint(self) -> None:
+        if self.sniffio_name == "trio":
+            await trio.lowlevel.checkpoint()
+        else:
+            await asyncio.sleep(0)
+
+    async def sleep(self, seconds: float) -> None:
+        if self.sniffio_name == "trio":
+            await trio.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    def current_task(self) -> Any:
+        if self.sniffio_name == "trio":
+            return trio.lowlevel.current_task()
+        return asyncio.current_task()
+
+
+_CORE_LIBS = [Lib("asyncio", "asyncio"), Lib("trio", "trio")]
+_EXTRA_LIBS = [Lib("anyio-asyncio", "asyncio"), Lib("anyio-trio", "trio")]
+if uvloop is not None:
+    _EXTRA_LIBS.insert(0, Lib("uvloop", "asyncio"))
+
+
+@pytest.fixture(params=_CORE_LIBS, ids=lambda lib: lib.name)
+def lib(request: pytest.FixtureRequest) -> Lib:
+    """asyncio and Trio."""
+    return request.param
+
+
+@pytest.fixture(params=_CORE_LIBS + _EXTRA_LIBS, ids=lambda lib: lib.name)
+def any_lib(request: pytest.FixtureRequest) -> Lib:
+    """Every supported way of running: asyncio, uvloop, Trio, anyio x2."""
+    return request.param
