@@ -22,12 +22,12 @@ Three kinds of portal share one class:
 
 * ``MODE_TASK``: installed as a task's coroutine by ``bestow_portal``; wraps
   the task's original coroutine for the rest of its life.
-* ``MODE_RUN``: what ``with_portal_run(fn, ...)`` returns; wraps ``fn(...)``.
-* ``MODE_SYNC``: what ``with_portal_run_sync(fn, ...)`` returns; calls ``fn``
+* ``MODE_RUN``: awaited by ``with_portal_run(fn, ...)``; wraps ``fn(...)``.
+* ``MODE_SYNC``: awaited by ``with_portal_run_sync(fn, ...)``; calls ``fn``
   inside a worker.
 
-The one-shot kinds check on their first step whether a portal is already
-active; if so they simply run their function in place ("passthrough").
+(``with_portal_run*`` themselves are ``async def`` functions in the facade;
+they only create a one-shot portal when the task has no portal yet.)
 """
 
 cimport cython
@@ -271,6 +271,8 @@ cdef extern from *:
     int PyObject_SetAttr(PyObject* obj, PyObject* name, PyObject* value)
     int PyList_Append(PyObject* lst, PyObject* item)
     int PyErr_ExceptionMatches(PyObject* exc)
+    PyObject* PyErr_Occurred()
+    void PyErr_Clear()
     void PyErr_SetString(PyObject* exc, const char* msg)
     void PyErr_WriteUnraisable(PyObject* obj)
     PyObject* PyExc_StopIteration
@@ -291,43 +293,101 @@ cdef enum:
     OUT_RETURN = 2   # out_value is the return value
     OUT_RAISE = 3    # out_value is the exception raised
 
-# Parked workers kept per thread; more than this are let go.
+# Idle workers kept per thread; more than this are let go.
 DEF MAX_PARKED_WORKERS = 64
 
 
 # ---------------------------------------------------------------------------
 # Worker greenlets
+#
+# A worker is tied to a portal only while an await_() is suspended in it.
+# Between steps that end in a native await, it goes back to its thread's pool,
+# so thousands of portal tasks share a handful of greenlets.
 # ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    /* This thread's _WorkerPool (borrowed; a threading.local owns it). */
+    static __thread PyObject *gb_pool = NULL;
+    """
+    PyObject* gb_pool
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _WorkerPool:
+    """The idle worker greenlets of one thread, as a C stack."""
+
+    cdef PyObject* workers[MAX_PARKED_WORKERS]   # owned references
+    # The gr_context each worker holds, so that it is set only when it must
+    # change. Borrowed: the worker's own gr_context keeps it alive.
+    cdef PyObject* contexts[MAX_PARKED_WORKERS]
+    cdef int count
+
+    def __dealloc__(self):
+        while self.count > 0:
+            self.count -= 1
+            Py_XDECREF(self.workers[self.count])
+
+    cdef void forget_context(self, PyObject* ctx) noexcept:
+        """Make parked workers drop `ctx`, whose task has finished."""
+        cdef int i
+        for i in range(self.count):
+            if self.contexts[i] == ctx:
+                if PyObject_SetAttr(self.workers[i], <PyObject*>_GR_CONTEXT,
+                                    <PyObject*>None) < 0:
+                    PyErr_WriteUnraisable(self.workers[i])
+                self.contexts[i] = <PyObject*>None
+
 
 cdef object _thread_state = threading.local()
 cdef object _GR_CONTEXT = "gr_context"
 
 
-def _acquire_worker():
-    """A parked worker greenlet of this thread, or a new one."""
-    try:
-        parked = _thread_state.parked
-    except AttributeError:
-        parked = _thread_state.parked = []
-    if parked:
-        return parked.pop()
+def _new_worker():
     # A fresh greenlet costs ~10 us (it maps a new frame-stack block), hence
     # the pool. Its parent is the current greenlet; that only matters if the
     # worker is ever killed, when control goes back there.
+    global gb_pool
+    if gb_pool == NULL:
+        pool = _thread_state.pool = _WorkerPool()
+        gb_pool = <PyObject*>pool
     return greenlet.greenlet(_worker_entry)
 
 
-def _park_worker(worker):
-    parked = _thread_state.__dict__.setdefault("parked", [])
-    if len(parked) < MAX_PARKED_WORKERS:
-        parked.append(worker)
+cdef void _park(object worker, PyObject* ctx) noexcept:
+    """Return an idle worker, which holds context `ctx`, to this thread's pool."""
+    cdef _WorkerPool pool
+    if gb_pool == NULL:
+        return  # the thread's pool is gone; let the worker go
+    pool = <_WorkerPool>gb_pool
+    if pool.count >= MAX_PARKED_WORKERS:
+        return
+    Py_INCREF(worker)
+    pool.workers[pool.count] = <PyObject*>worker
+    pool.contexts[pool.count] = ctx
+    pool.count += 1
 
 
 cdef inline PyObject* _current_greenlet() noexcept:
-    """The running greenlet, borrowed: a greenlet is alive while it runs."""
+    """The running greenlet, borrowed (a greenlet is alive while it runs), or
+    NULL with an exception set when greenlet can no longer say, as happens
+    while the interpreter shuts down."""
     cdef PyGreenlet* g = PyGreenlet_GetCurrent()
+    if g == NULL:
+        if not PyErr_Occurred():
+            PyErr_SetString(PyExc_RuntimeError,
+                            "greenlet is not available (is the interpreter shutting down?)")
+        return NULL
     Py_DECREF(<object>g)
     return <PyObject*>g
+
+
+cdef bint _greenlet_usable() noexcept:
+    if _current_greenlet() == NULL:
+        PyErr_Clear()
+        return False
+    return True
 
 
 def _serve_portals():
@@ -340,6 +400,8 @@ def _serve_portals():
     cdef PyObject* me = _current_greenlet()
     cdef PyObject* p
     cdef PyObject* r
+    if me == NULL:
+        gb_propagate()
     while True:
         p = gb_active_portal
         if p == NULL or <PyObject*>(<Portal>p).worker != me:
@@ -369,6 +431,7 @@ _worker_entry = partial(run_worker, _serve_portals)
 # ---------------------------------------------------------------------------
 
 @cython.final
+@cython.auto_pickle(False)
 cdef class Portal:
     """A coroutine shim that runs each step of what it wraps in a worker
     greenlet, so that :func:`await_` can suspend from synchronous code.
@@ -383,7 +446,6 @@ cdef class Portal:
     cdef bint started
     cdef bint finished
     cdef bint running
-    cdef bint passthrough
     cdef object coro      # what the steps drive (MODE_TASK/RUN), once known
     cdef object fn        # MODE_RUN/SYNC: the function, until it is called
     cdef object args
@@ -392,10 +454,16 @@ cdef class Portal:
     cdef object resume    # greenlet to switch into for the next step
     cdef object outer     # greenlet running the current step
     cdef object last_ctx  # context last propagated into the worker
+    cdef object awaiting  # what a suspended await_() waits on (for cr_await)
     cdef object send_value
     cdef object send_exc
     cdef object out_value
     cdef int out_kind
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(
+            "greenback.Portal objects come from ensure_portal(), bestow_portal(), "
+            "with_portal_run() and with_portal_run_sync(); don't create them directly")
 
     # --- the step, on the event loop's side --------------------------------
     # These are noexcept C functions that return -1 with an exception set:
@@ -416,26 +484,21 @@ cdef class Portal:
         if self.finished:
             PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine")
             return -1
-        if not self.started:
-            self.started = True
-            if self.mode != MODE_TASK and gb_active_portal != NULL:
-                # Already under a portal: run in place, no worker needed.
-                self.passthrough = True
-        if self.passthrough:
-            return self._step_in_place(value, exc)
-
-        if self.worker is None:
-            r = PyObject_CallNoArgs(<PyObject*>_acquire_worker)
-            if r == NULL:
-                return -1
-            self.worker = self.resume = <object>r
-            Py_DECREF(<object>r)
+        self.started = True
         r = _current_greenlet()
+        if r == NULL:
+            return -1
         if <PyObject*>self.outer != r:
             self.outer = <object>r
         ctx = gb_current_context()
-        if ctx != <PyObject*>self.last_ctx:
-            if self._propagate_context(ctx) < 0:
+        if ctx == NULL:
+            ctx = <PyObject*>None
+        if self.resume is None:
+            # Nothing is suspended mid-step: any idle worker can run this one.
+            if self._take_worker(ctx) < 0:
+                return -1
+        elif ctx != <PyObject*>self.last_ctx:
+            if self._follow_context(ctx) < 0:
                 return -1
 
         self.send_value = value
@@ -454,6 +517,10 @@ cdef class Portal:
         Py_DECREF(<object>r)
 
         if self.out_kind == OUT_YIELD:
+            if self.resume is None:
+                # The step ended in a native await: the worker is idle again.
+                _park(self.worker, <PyObject*>self.last_ctx)
+                self.worker = None
             return 0
         self._finish()
         if self.out_kind == OUT_RETURN:
@@ -478,58 +545,13 @@ cdef class Portal:
             gb_reraise(<PyObject*>exc)
         return -1
 
-    cdef int _step_in_place(self, object value, object exc) noexcept:
-        cdef PyObject* res = NULL
-        cdef PySendResult status
-        if self.mode == MODE_SYNC:
-            self.finished = True
-            fn, args, kwargs = self.fn, self.args, self.kwargs
-            self.fn = self.args = self.kwargs = None
-            if exc is not None:
-                gb_reraise(<PyObject*>exc)
-                return -1
-            res = PyObject_Call(<PyObject*>fn, <PyObject*>args,
-                                <PyObject*>kwargs if kwargs else NULL)
-            if res == NULL:
-                if PyErr_ExceptionMatches(PyExc_StopIteration):
-                    self.out_value = <object>gb_fetch_exception()
-                    Py_DECREF(self.out_value)
-                    return self._raise_out_value()
-                return -1
-            self.out_value = <object>res
-            Py_DECREF(<object>res)
-            return 1
-        if self.coro is None:
-            if exc is not None:
-                self.finished = True
-                self.fn = self.args = self.kwargs = None
-                gb_reraise(<PyObject*>exc)
-                return -1
-            if self._create_coro() < 0:
-                self.finished = True
-                return -1
-        self.running = True
-        if exc is None:
-            status = PyIter_Send(<PyObject*>self.coro, <PyObject*>value, &res)
-        else:
-            status = gb_throw(<PyObject*>self.coro, <PyObject*>exc, &res)
-        self.running = False
-        if status == PYGEN_ERROR:
-            self.finished = True
-            self.coro = None
-            return -1
-        self.out_value = <object>res
-        Py_DECREF(<object>res)
-        if status == PYGEN_RETURN:
-            self.finished = True
-            self.coro = None
-            return 1
-        return 0
-
     cdef int _create_coro(self) noexcept:
         """MODE_RUN: call fn and get the iterator that awaiting it drives."""
         cdef PyObject* aw
         cdef PyObject* it
+        if self.fn is None:
+            PyErr_SetString(PyExc_RuntimeError, "this greenback portal has nothing to run")
+            return -1
         fn, args, kwargs = self.fn, self.args, self.kwargs
         self.fn = self.args = self.kwargs = None
         aw = PyObject_Call(<PyObject*>fn, <PyObject*>args,
@@ -544,45 +566,68 @@ cdef class Portal:
         Py_DECREF(<object>it)
         return 0
 
-    cdef int _propagate_context(self, PyObject* ctx) noexcept:
-        # Give the worker the task's context, unless the worker switched to
-        # another context itself (Context.run() around an await_), which wins.
-        cdef PyObject* cur
-        cdef bint follow = True
-        if ctx == NULL:
-            ctx = <PyObject*>None
-        if self.last_ctx is not None:
-            cur = PyObject_GetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT)
-            if cur == NULL:
+    cdef int _take_worker(self, PyObject* ctx) noexcept:
+        """Attach an idle worker and give it the context `ctx`."""
+        cdef PyObject* w
+        cdef PyObject* held
+        cdef _WorkerPool pool
+        if gb_pool != NULL and (<_WorkerPool>gb_pool).count > 0:
+            pool = <_WorkerPool>gb_pool
+            pool.count -= 1
+            w = pool.workers[pool.count]
+            held = pool.contexts[pool.count]
+            self.worker = <object>w
+            Py_DECREF(<object>w)  # the pool's reference
+        else:
+            w = PyObject_CallNoArgs(<PyObject*>_new_worker)
+            if w == NULL:
                 return -1
-            follow = cur == <PyObject*>self.last_ctx
-            Py_DECREF(<object>cur)
-        if follow and PyObject_SetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+            self.worker = <object>w
+            Py_DECREF(<object>w)
+            held = <PyObject*>None  # a new greenlet has no context yet
+        self.resume = self.worker
+        if held != ctx and PyObject_SetAttr(
+                <PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
             return -1
         self.last_ctx = <object>ctx
         return 0
 
+    cdef int _follow_context(self, PyObject* ctx) noexcept:
+        # The task's context changed (Trio's Task.context can be assigned)
+        # while an await_() is suspended in the worker. Follow it, unless the
+        # worker entered another context itself (Context.run() around an
+        # await_()), which wins.
+        cdef PyObject* cur = PyObject_GetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT)
+        if cur == NULL:
+            return -1
+        cdef bint follow = cur == <PyObject*>self.last_ctx
+        Py_DECREF(<object>cur)
+        if follow:
+            if PyObject_SetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+                return -1
+            self.last_ctx = <object>ctx
+        return 0
+
     cdef void _finish(self) noexcept:
         """Mark the portal done and park its worker for reuse."""
-        cdef PyObject* r
         self.finished = True
         worker = self.worker
-        self.worker = self.resume = self.outer = None
-        self.coro = None
+        ctx = self.last_ctx
+        self.worker = self.resume = self.outer = self.last_ctx = None
+        self.coro = self.awaiting = None
         self.send_value = self.send_exc = None
         if worker is None or self.out_kind == OUT_NONE:
             return
-        if self.last_ctx is not None:
-            # Don't let a parked worker keep a finished task's context alive.
-            self.last_ctx = None
+        if self.mode == MODE_TASK and ctx is not None:
+            # The task is over: idle workers must not keep its context alive.
             if PyObject_SetAttr(<PyObject*>worker, <PyObject*>_GR_CONTEXT, <PyObject*>None) < 0:
                 PyErr_WriteUnraisable(<PyObject*>worker)
                 return
-        r = PyObject_CallOneArg(<PyObject*>_park_worker, <PyObject*>worker)
-        if r == NULL:
-            PyErr_WriteUnraisable(<PyObject*>worker)
+            if gb_pool != NULL:
+                (<_WorkerPool>gb_pool).forget_context(<PyObject*>ctx)
+            _park(worker, <PyObject*>None)
         else:
-            Py_DECREF(<object>r)
+            _park(worker, <PyObject*>ctx)
 
     # --- the unit of work, on the worker's side ----------------------------
 
@@ -598,7 +643,7 @@ cdef class Portal:
             self.send_exc = None
             gb_reraise(<PyObject*>exc)
             status = PYGEN_ERROR
-        elif self.mode == MODE_SYNC:
+        elif self.mode == MODE_SYNC and self.fn is not None:
             fn, args, kwargs = self.fn, self.args, self.kwargs
             self.fn = self.args = self.kwargs = None
             self.send_value = None
@@ -618,7 +663,7 @@ cdef class Portal:
             Py_DECREF(self.out_value)
             return
         self.out_kind = OUT_YIELD if status == PYGEN_NEXT else OUT_RETURN
-        self.resume = self.worker
+        self.resume = None  # back in the serve loop: idle, nothing suspended
         self.out_value = <object>res
         Py_DECREF(<object>res)
 
@@ -658,7 +703,9 @@ cdef class Portal:
             raise ValueError("coroutine already executing")
         if self.finished:
             return None
-        if not self.started or (self.passthrough and self.mode == MODE_RUN):
+        if not self.started or (self.resume is None and not _greenlet_usable()):
+            # Nothing runs in a worker, so the wrapped coroutine (if any) can
+            # be closed right here; at interpreter exit this is the only way.
             self.finished = True
             self.fn = self.args = self.kwargs = None
             coro, self.coro = self.coro, None
@@ -685,7 +732,12 @@ cdef class Portal:
             self.finished = True
             self.fn = self.args = self.kwargs = None
             return
-        self.close()
+        if self.resume is not None and not self.running:
+            # An await_() is suspended in a worker, with sync frames above it
+            # that only this portal can unwind: throw GeneratorExit through
+            # them. Otherwise the wrapped coroutine is suspended at a native
+            # await and closes itself when it is released, as usual.
+            self.close()
 
     # --- introspection: look like the coroutine we wrap ---------------------
 
@@ -701,6 +753,8 @@ cdef class Portal:
 
     @property
     def cr_await(self):
+        if self.awaiting is not None:
+            return self.awaiting
         coro = self.coro
         if coro is None:
             return None
@@ -755,22 +809,21 @@ cdef class Portal:
 
     @property
     def provides_portal(self):
-        """True while this object gives its task a portal: it is live, and it
-        did not find a portal already in place when it started."""
-        return not self.finished and not self.passthrough and (
-            self.started or self.mode == MODE_TASK)
+        """True while this object gives its task a portal."""
+        return not self.finished and (self.started or self.mode == MODE_TASK)
 
     def detach(self):
         """Stop being a portal and return the wrapped coroutine, which the
         caller puts back in the task. Only between steps, and only while no
         await_() is suspended."""
-        if self.mode != MODE_TASK or self.running:
-            raise RuntimeError("only an idle task portal can be detached")
-        if self.worker is not None and self.resume is not self.worker:
+        if self.mode != MODE_TASK or self.running or self.finished:
+            raise RuntimeError("only a live, idle task portal can be detached")
+        if self.resume is not None:
             raise RuntimeError("cannot detach a portal while await_() is suspended in it")
         coro = self.coro
-        self.out_kind = OUT_RETURN  # the worker is idle in its loop: reusable
-        self._finish()
+        self.finished = True
+        self.coro = None
+        self.last_ctx = None
         return coro
 
 
@@ -874,29 +927,14 @@ gb_install_coroutine_slots(<PyTypeObject*>Portal, _portal_iternext,
 # The public entry points
 # ---------------------------------------------------------------------------
 
-def with_portal_run(async_fn, /, *args, **kwds):
-    """Execute ``await async_fn(*args, **kwds)`` with a portal available for
-    at least the duration of that call, so that the code it runs can use
-    :func:`await_`.
-
-    If the current task already has a portal, this simply awaits
-    ``async_fn(*args, **kwds)``. Otherwise a portal is created that lasts only
-    for the call; an :func:`ensure_portal` inside it does not extend it.
-    Adds no checkpoint (schedule or cancellation point) of its own.
-    ``async_fn`` may return any awaitable, not only a coroutine.
-    """
-    return _new_portal(MODE_RUN, async_fn, args, kwds)
+def run_portal(async_fn, tuple args, dict kwargs):
+    """A portal that awaits ``async_fn(*args, **kwargs)`` when awaited."""
+    return _new_portal(MODE_RUN, async_fn, args, kwargs)
 
 
-def with_portal_run_sync(sync_fn, /, *args, **kwds):
-    """Execute ``sync_fn(*args, **kwds)`` with a portal available for at least
-    the duration of that call, so that it can use :func:`await_`.
-
-    If the current task already has a portal, this simply calls *sync_fn*.
-    Adds no checkpoint beyond those of the :func:`await_` calls that *sync_fn*
-    makes. Returns what *sync_fn* returns; must be awaited.
-    """
-    return _new_portal(MODE_SYNC, sync_fn, args, kwds)
+def run_sync_portal(sync_fn, tuple args, dict kwargs):
+    """A portal that calls ``sync_fn(*args, **kwargs)`` when awaited."""
+    return _new_portal(MODE_SYNC, sync_fn, args, kwargs)
 
 
 def make_task_portal(coro, started):
@@ -938,6 +976,11 @@ def await_(aw):
     it = <object>itp
     Py_DECREF(it)
     me = _current_greenlet()
+    if me == NULL:
+        try:
+            gb_propagate()
+        finally:
+            _close_if_possible(it)
     value = None
     exc = None
     while True:
@@ -966,6 +1009,7 @@ def await_(aw):
         portal.out_kind = OUT_YIELD
         if <PyObject*>portal.resume != me:
             portal.resume = <object>me
+        portal.awaiting = it
         r = <PyObject*>portal.outer
         portal = None  # hold no reference while suspended (see _serve_portals)
         r = PyGreenlet_Switch(<PyGreenlet*>r, NULL, NULL)
@@ -982,8 +1026,14 @@ def await_(aw):
         portal = <Portal>p
         value = portal.send_value
         exc = portal.send_exc
-        portal.send_value = portal.send_exc = None
+        portal.send_value = portal.send_exc = portal.awaiting = None
         portal = None
+
+
+cdef void _close_if_possible(object it):
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 cdef int _raise_no_portal(object aw) except -1:
@@ -1032,7 +1082,7 @@ def set_c_task_coro(task, old_coro, new_coro):
             raise RuntimeError(_LAYOUT_ERROR)
         _c_task_coro_offset = found
     slot = <PyObject**>(base + _c_task_coro_offset)
-    if slot[0] != <PyObject*>old_coro or task.get_coro() is not old_coro:
+    if slot[0] != <PyObject*>old_coro:
         raise RuntimeError(_LAYOUT_ERROR)
     Py_INCREF(new_coro)
     slot[0] = <PyObject*>new_coro

@@ -1,9 +1,10 @@
-"""Giving tasks portals for the rest of their lives: ensure_portal,
-bestow_portal, has_portal."""
+"""The public ways to get a portal: for the rest of a task's life
+(ensure_portal, bestow_portal), or for one call (with_portal_run*), plus
+has_portal to ask."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ParamSpec, TypeVar, Union
 
 import sniffio
 
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
     import asyncio
 
     import trio
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 async def ensure_portal() -> None:
@@ -26,7 +30,11 @@ async def ensure_portal() -> None:
     """
     library = _tasks.current_library()
     if not _core.in_active_portal():
-        bestow_portal(_tasks.current_task())
+        task = _tasks.current_task_of(library)
+        coro = _tasks.get_coro(task)
+        if not (isinstance(coro, _core.Portal) and coro.provides_portal):
+            # A running task's coroutine has started, by definition.
+            _tasks.set_coro(task, coro, _core.make_task_portal(coro, True))
     # The portal takes over at the task's next step, so yield once: after
     # this, await_() works even with no further checkpoint.
     await _tasks.checkpoint(library)
@@ -79,3 +87,37 @@ def has_portal(
     if isinstance(coro, _core.Portal) and coro.provides_portal:
         return True
     return _tasks.portal_in_await_chain(coro)
+
+
+async def with_portal_run(
+    async_fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwds: P.kwargs
+) -> T:
+    """Execute ``await async_fn(*args, **kwds)`` with a portal available for at
+    least the duration of that call, so that the code it runs can use
+    :func:`await_`.
+
+    If the current task already has a portal, this simply awaits
+    ``async_fn(*args, **kwds)``. Otherwise the portal lasts only for this
+    call; an :func:`ensure_portal` inside it does not make it outlive the
+    call. No checkpoint (schedule or cancellation point) is added beyond those
+    inside *async_fn*. *async_fn* may return any awaitable, not only a
+    coroutine.
+    """
+    if _core.in_active_portal():
+        return await async_fn(*args, **kwds)
+    return await _core.run_portal(async_fn, args, kwds)  # type: ignore[no-any-return]
+
+
+async def with_portal_run_sync(
+    sync_fn: Callable[P, T], /, *args: P.args, **kwds: P.kwargs
+) -> T:
+    """Execute ``sync_fn(*args, **kwds)`` with a portal available for at least
+    the duration of that call, so that it can use :func:`await_`.
+
+    If the current task already has a portal, this simply calls *sync_fn*.
+    Otherwise the portal lasts only for this call. No checkpoint is added
+    beyond those of the :func:`await_` calls that *sync_fn* makes.
+    """
+    if _core.in_active_portal():
+        return sync_fn(*args, **kwds)
+    return await _core.run_sync_portal(sync_fn, args, kwds)  # type: ignore[no-any-return]

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import TYPE_CHECKING, Any, Coroutine, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Union
 
 import sniffio
 
 from . import _core
+
+try:
+    from _asyncio import Task as _CTask
+except ImportError:  # pragma: no cover - only CPython has the C Task
+    _CTask = ()
 
 if TYPE_CHECKING:
     import asyncio
@@ -32,7 +37,10 @@ def current_library() -> str:
 
 
 def current_task() -> AnyTask:
-    library = current_library()
+    return current_task_of(current_library())
+
+
+def current_task_of(library: str) -> AnyTask:
     if library == "trio":
         import trio
 
@@ -48,9 +56,9 @@ def current_task() -> AnyTask:
     return task
 
 
-async def checkpoint(library: str) -> None:
+def checkpoint(library: str) -> Awaitable[None]:
     """A schedule point and a cancellation point, on either library."""
-    await sys.modules[library].sleep(0)
+    return sys.modules[library].sleep(0)  # type: ignore[no-any-return]
 
 
 def _is_trio_task(task: object) -> bool:
@@ -74,12 +82,12 @@ def set_coro(
         if getattr(pending, "__self__", None) is old:
             task._next_send_fn = getattr(new, pending.__name__)  # type: ignore[union-attr]
         return
-    try:
+    if isinstance(task, _CTask):
+        # The C Task offers no way to assign it: swap the field from C.
+        _core.set_c_task_coro(task, old, new)
+    else:
         # The pure-Python asyncio.Task lets us assign it.
         task._coro = new  # type: ignore[union-attr]
-    except AttributeError:
-        # The C Task does not: swap the field from C, with checks.
-        _core.set_c_task_coro(task, old, new)
 
 
 def check_task(task: object) -> None:
