@@ -125,28 +125,41 @@ cdef extern from *:
        (adding a traceback entry for the calling function only). */
     static inline int gb_propagate(void) { return -1; }
 
+    /* Close `it` if it has a close() method. 0 on success, -1 on error. */
+    static int gb_close_iter(PyObject *it) {
+        PyObject *close = PyObject_GetAttrString(it, "close");
+        if (close == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return -1;
+            PyErr_Clear();
+            return 0;
+        }
+        PyObject *r = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+
     /* Throw `exc` into the iterator `it`, as `await` does when its awaiting
        frame is resumed with an exception.  Same contract as PyIter_Send. */
     static PySendResult gb_throw(PyObject *it, PyObject *exc, PyObject **result) {
-        PyObject *meth = PyObject_GetAttrString(it, "throw");
         *result = NULL;
+        if (PyErr_GivenExceptionMatches(exc, PyExc_GeneratorExit)) {
+            /* Like `await`: close what is awaited (a no-op if it is already
+               finished), then raise GeneratorExit at the await itself. */
+            if (gb_close_iter(it) < 0)
+                return PYGEN_ERROR;
+            gb_reraise(exc);
+            return PYGEN_ERROR;
+        }
+        PyObject *meth = PyObject_GetAttrString(it, "throw");
         if (meth == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_AttributeError))
                 return PYGEN_ERROR;
             PyErr_Clear();
-            /* No throw(): the exception surfaces at the await itself, after
-               closing the iterator if the exception asks for that. */
-            if (PyErr_GivenExceptionMatches(exc, PyExc_GeneratorExit)) {
-                PyObject *close = PyObject_GetAttrString(it, "close");
-                if (close == NULL) {
-                    PyErr_Clear();
-                } else {
-                    PyObject *r = PyObject_CallNoArgs(close);
-                    Py_DECREF(close);
-                    if (r == NULL) return PYGEN_ERROR;
-                    Py_DECREF(r);
-                }
-            }
+            /* No throw(): the exception surfaces at the await itself. */
             gb_reraise(exc);
             return PYGEN_ERROR;
         }
@@ -799,7 +812,7 @@ cdef class Portal:
                 return self.coro.__qualname__ if qualified else self.coro.__name__
             except AttributeError:
                 pass
-        return ("greenback.bestow_portal", "with_portal_run", "with_portal_run_sync")[self.mode]
+        return ("greenback task portal", "with_portal_run", "with_portal_run_sync")[self.mode]
 
     def __repr__(self):
         target = self.coro if self.coro is not None else self.fn
