@@ -27,10 +27,11 @@ $(STAMP): requirements/test.txt
 venv: $(STAMP)
 
 # Build a wheel and install it (not editable), so tests see what users get.
+# The lock keeps builds for several venvs from sharing build/ at once.
 $(VENV)/.installed: $(STAMP) $(SOURCES)
-	rm -rf build dist
-	$(VPY) -m pip wheel --no-build-isolation --no-deps -q -w dist .
-	$(PIP) install --force-reinstall --no-deps dist/greenback-*.whl
+	rm -rf $(VENV)/dist
+	flock .build.lock sh -c 'rm -rf build && $(VPY) -m pip wheel --no-build-isolation --no-deps -q -w $(VENV)/dist .'
+	$(PIP) install --force-reinstall --no-deps $(VENV)/dist/greenback-*.whl
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,4 +46,4 @@ test: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info greenback/*.c greenback/*.so greenback/*.html
+	rm -rf build dist .build.lock *.egg-info greenback/*.c greenback/*.so greenback/*.html
