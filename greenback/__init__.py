@@ -4,6 +4,8 @@
 function below it can call ``greenback.await_(some_coroutine())``.
 """
 
+from typing import Any
+
 from ._version import __version__ as __version__
 from ._core import await_ as await_
 from ._portal import (
@@ -13,14 +15,42 @@ from ._portal import (
     with_portal_run as with_portal_run,
     with_portal_run_sync as with_portal_run_sync,
 )
+from ._tree import (
+    portals_for_children as portals_for_children,
+    portals_for_tree as portals_for_tree,
+    with_portal_run_tree as with_portal_run_tree,
+)
+from ._util import (
+    async_context as async_context,
+    async_iter as async_iter,
+    autoawait as autoawait,
+    decorate_as_sync as decorate_as_sync,
+)
 
 __all__ = [
+    "AutoPortalInstrument",
     "__version__",
+    "async_context",
+    "async_iter",
+    "autoawait",
     "await_",
     "bestow_portal",
+    "decorate_as_sync",
     "ensure_portal",
     "has_portal",
+    "portals_for_children",
+    "portals_for_tree",
     "with_portal_run",
     "with_portal_run_sync",
+    "with_portal_run_tree",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    # AutoPortalInstrument subclasses trio.abc.Instrument; build it on first
+    # use so that asyncio programs never import Trio.
+    if name == "AutoPortalInstrument":
+        from ._tree import instrument_class
+
+        return instrument_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,3 +30,13 @@ def test_quickstart_runs_on_both_loops() -> None:
         assert f"[{library}] legacy_sync_layer(21) returned 42" in out
         assert f"[{library}] with_portal_run_sync(legacy_sync_layer, 1) returned 2" in out
     assert out.rstrip().endswith("done: the same sync code ran on both event loops")
+
+
+def test_replace_nest_asyncio_example() -> None:
+    out = run_example("replace_nest_asyncio.py")
+    assert out.splitlines() == [
+        "page 0: Ada, Grace",
+        "page 1: Barbara",
+        "page 2: Grace, Barbara, Ada",
+        "portal outside the subsystem: False",
+    ]
