@@ -10,13 +10,15 @@ PIP := $(VPY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.deps-installed
 SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi) setup.py pyproject.toml
 
-.PHONY: help venv build install demo test test-only typecheck clean
+.PHONY: help venv build install demo test pytest typecheck clean
 
 help:
-	@echo "make demo    - set up .venv, build, run examples/quickstart.py"
-	@echo "make test    - set up .venv, build, install, run the full suite"
-	@echo "make build   - compile the extension in place (for development)"
-	@echo "make clean   - remove build products"
+	@echo "make demo      - set up .venv, build, run examples/quickstart.py"
+	@echo "make test      - set up .venv, build, install; typecheck, then the whole suite"
+	@echo "make typecheck - mypy --strict (package, tests, type tests) and stubtest"
+	@echo "make pytest    - only the pytest suite (PYTEST_ARGS=... to select)"
+	@echo "make build     - compile the extension in place (for development)"
+	@echo "make clean     - remove build products"
 
 $(STAMP): requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +44,19 @@ build: $(STAMP)
 demo: install
 	cd examples && ../$(VPY) quickstart.py
 
-test: install
+# mypy --strict over the package, the tests and tests/typing (whose
+# `# type: ignore[code]` lines are mistakes the types must keep catching),
+# then stubtest against the installed wheel, run from tests/ so that the
+# installed copy is what gets imported.
+typecheck: install
+	$(VPY) -m mypy greenback tests
+	cd tests && ../$(VPY) -m mypy.stubtest greenback \
+		--mypy-config-file ../pyproject.toml --allowlist ../stubtest-allowlist.txt
+
+pytest: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test: typecheck pytest
 
 clean:
 	rm -rf build dist .build.lock *.egg-info greenback/*.c greenback/*.so greenback/*.html

@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
     # AutoPortalInstrument subclasses trio.abc.Instrument; build it on first
     # use so that asyncio programs never import Trio.
     if name == "AutoPortalInstrument":
-        from ._tree import instrument_class
+        from ._trio_instrument import AutoPortalInstrument
 
-        return instrument_class()
+        return AutoPortalInstrument
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,62 +1,45 @@
-# Public, precise types for greenback. The function-taking APIs carry the
-# wrapped function's parameters (ParamSpec), so a type checker catches
-# `with_portal_run(fetch, "wrong")` just as it would catch `await fetch("wrong")`.
+# The public types of greenback. The definitions live, precisely typed, in the
+# modules that implement them (ParamSpec keeps the wrapped function's
+# parameters, so `with_portal_run(fetch, "wrong")` is an error like
+# `await fetch("wrong")` is). This stub exists because AutoPortalInstrument is
+# created on first access at run time, which type checkers cannot follow.
 
-import asyncio
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import (
-    Any,
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Generic,
-    Iterator,
-    ParamSpec,
-    TypeVar,
+from ._core import await_ as await_
+from ._portal import (
+    bestow_portal as bestow_portal,
+    ensure_portal as ensure_portal,
+    has_portal as has_portal,
+    with_portal_run as with_portal_run,
+    with_portal_run_sync as with_portal_run_sync,
 )
+from ._trio_instrument import AutoPortalInstrument as AutoPortalInstrument
+from ._tree import (
+    portals_for_children as portals_for_children,
+    portals_for_tree as portals_for_tree,
+    with_portal_run_tree as with_portal_run_tree,
+)
+from ._util import (
+    async_context as async_context,
+    async_iter as async_iter,
+    autoawait as autoawait,
+    decorate_as_sync as decorate_as_sync,
+)
+from ._version import __version__ as __version__
 
-import trio
-
-__version__: str
-
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
-
-_AnyTask = asyncio.Task[Any] | trio.lowlevel.Task
-
-async def ensure_portal() -> None: ...
-def bestow_portal(task: _AnyTask) -> None: ...
-def has_portal(task: _AnyTask | None = None) -> bool: ...
-async def with_portal_run(
-    async_fn: Callable[_P, Awaitable[_T]], /, *args: _P.args, **kwds: _P.kwargs
-) -> _T: ...
-async def with_portal_run_sync(
-    sync_fn: Callable[_P, _T], /, *args: _P.args, **kwds: _P.kwargs
-) -> _T: ...
-def await_(aw: Awaitable[_T]) -> _T: ...
-async def with_portal_run_tree(
-    async_fn: Callable[_P, Awaitable[_T]], /, *args: _P.args, **kwds: _P.kwargs
-) -> _T: ...
-def portals_for_children() -> AbstractContextManager[None]: ...
-def portals_for_tree() -> AbstractAsyncContextManager[None]: ...
-
-class AutoPortalInstrument(trio.abc.Instrument):
-    tasks: dict[trio.lowlevel.Task, int]
-    refs: int
-    def __init__(self) -> None: ...
-    def before_run(self) -> None: ...
-    def task_spawned(self, task: trio.lowlevel.Task) -> None: ...
-    def task_exited(self, task: trio.lowlevel.Task) -> None: ...
-
-def autoawait(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, _T]: ...
-def decorate_as_sync(decorator: Callable[..., Any]) -> Callable[..., Any]: ...
-
-class async_context(Generic[_T]):
-    def __init__(self, cm: AbstractAsyncContextManager[_T]) -> None: ...
-    def __enter__(self) -> _T: ...
-    def __exit__(self, *exc_info: object) -> bool | None: ...
-
-class async_iter(Generic[_T]):
-    def __new__(cls, iterable: AsyncIterable[_T]) -> async_iter[_T]: ...
-    def __iter__(self) -> Iterator[_T]: ...
-    def __next__(self) -> _T: ...
+__all__ = [
+    "AutoPortalInstrument",
+    "__version__",
+    "async_context",
+    "async_iter",
+    "autoawait",
+    "await_",
+    "bestow_portal",
+    "decorate_as_sync",
+    "ensure_portal",
+    "has_portal",
+    "portals_for_children",
+    "portals_for_tree",
+    "with_portal_run",
+    "with_portal_run_sync",
+    "with_portal_run_tree",
+]

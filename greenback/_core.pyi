@@ -1,11 +1,16 @@
 # Types of the compiled core, so that the Python facade type-checks against it.
 
 from types import CodeType, FrameType
-from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar, final
 
 _T = TypeVar("_T")
 
+@final
 class Portal(Coroutine[Any, Any, Any]):
+    # The wrapped coroutine's names, for asyncio's and Trio's reprs.
+    __name__: str
+    __qualname__: str
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
     def __await__(self) -> Generator[Any, None, Any]: ...
     def __next__(self) -> Any: ...
     def send(self, value: Any, /) -> Any: ...
@@ -25,7 +30,7 @@ class Portal(Coroutine[Any, Any, Any]):
     def cr_origin(self) -> None: ...
     @property
     def provides_portal(self) -> bool: ...
-    def detach(self) -> Coroutine[Any, Any, Any]: ...
+    def detach(self) -> None: ...
 
 def run_portal(
     async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]

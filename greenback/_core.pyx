@@ -826,18 +826,15 @@ cdef class Portal:
         return not self.finished and (self.started or self.mode == MODE_TASK)
 
     def detach(self):
-        """Stop being a portal and return the wrapped coroutine, which the
-        caller puts back in the task. Only between steps, and only while no
-        await_() is suspended."""
+        """Stop being a portal, once the task runs its original coroutine
+        again. Only between steps, and only while no await_() is suspended."""
         if self.mode != MODE_TASK or self.running or self.finished:
             raise RuntimeError("only a live, idle task portal can be detached")
         if self.resume is not None:
             raise RuntimeError("cannot detach a portal while await_() is suspended in it")
-        coro = self.coro
         self.finished = True
         self.coro = None
         self.last_ctx = None
-        return coro
 
 
 cdef Portal _new_portal(int mode, object fn, tuple args, dict kwargs):

@@ -6,23 +6,30 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, TypeAlias
 
 import sniffio
 
 from . import _core
 
-try:
-    from _asyncio import Task as _CTask
-except ImportError:  # pragma: no cover - only CPython has the C Task
-    _CTask = ()
+
+
+def _c_task_types() -> tuple[type, ...]:
+    try:
+        from _asyncio import Task
+    except ImportError:  # pragma: no cover - only CPython has the C Task
+        return ()
+    return (Task,)
+
+
+_C_TASK_TYPES = _c_task_types()
 
 if TYPE_CHECKING:
     import asyncio
 
     import trio
 
-    AnyTask = Union["asyncio.Task[Any]", "trio.lowlevel.Task"]
+    _AnyTask: TypeAlias = "asyncio.Task[Any] | trio.lowlevel.Task"
 
 
 def current_library() -> str:
@@ -36,11 +43,11 @@ def current_library() -> str:
     return library
 
 
-def current_task() -> AnyTask:
+def current_task() -> _AnyTask:
     return current_task_of(current_library())
 
 
-def current_task_of(library: str) -> AnyTask:
+def current_task_of(library: str) -> _AnyTask:
     if library == "trio":
         import trio
 
@@ -65,14 +72,14 @@ def _is_trio_task(task: object) -> bool:
     return type(task).__module__.startswith("trio")
 
 
-def get_coro(task: AnyTask) -> Coroutine[Any, Any, Any]:
+def get_coro(task: _AnyTask) -> Coroutine[Any, Any, Any]:
     if _is_trio_task(task):
         return task.coro  # type: ignore[union-attr]
     return task.get_coro()  # type: ignore[union-attr,return-value]
 
 
 def set_coro(
-    task: AnyTask, old: Coroutine[Any, Any, Any], new: Coroutine[Any, Any, Any]
+    task: _AnyTask, old: Coroutine[Any, Any, Any], new: Coroutine[Any, Any, Any]
 ) -> None:
     if _is_trio_task(task):
         task.coro = new  # type: ignore[union-attr]
@@ -82,12 +89,12 @@ def set_coro(
         if getattr(pending, "__self__", None) is old:
             task._next_send_fn = getattr(new, pending.__name__)  # type: ignore[union-attr]
         return
-    if isinstance(task, _CTask):
+    if isinstance(task, _C_TASK_TYPES):
         # The C Task offers no way to assign it: swap the field from C.
         _core.set_c_task_coro(task, old, new)
     else:
         # The pure-Python asyncio.Task lets us assign it.
-        task._coro = new  # type: ignore[union-attr]
+        setattr(task, "_coro", new)
 
 
 def check_task(task: object) -> None:
@@ -104,7 +111,7 @@ def check_task(task: object) -> None:
         import trio
 
         if isinstance(task, trio.lowlevel.Task):
-            coro = task.coro
+            coro: object = task.coro
             if inspect.iscoroutine(coro) and coro.cr_frame is None:
                 raise RuntimeError(
                     f"cannot give a portal to {task!r}: it has already finished"

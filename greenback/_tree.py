@@ -14,13 +14,10 @@ import asyncio
 import contextvars
 import sys
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from . import _core, _tasks
 from ._portal import P, T, with_portal_run
-
-if TYPE_CHECKING:
-    import trio
 
 
 async def with_portal_run_tree(
@@ -160,10 +157,12 @@ class _PortalTaskFactory:
 @contextmanager
 def _asyncio_children_scope() -> Iterator[None]:
     loop = asyncio.get_running_loop()
-    factory = loop.get_task_factory()
-    if not isinstance(factory, _PortalTaskFactory):
-        factory = _PortalTaskFactory(factory)
-        loop.set_task_factory(factory)  # type: ignore[arg-type]
+    previous = loop.get_task_factory()
+    if isinstance(previous, _PortalTaskFactory):
+        factory = previous
+    else:
+        factory = _PortalTaskFactory(previous)
+        loop.set_task_factory(factory)
     factory.users += 1
     scope = _Scope(_current_scope.get())
     token = _current_scope.set(scope)
@@ -180,93 +179,21 @@ def _asyncio_children_scope() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------
-# Trio: an instrument that sees tasks being spawned
+# Trio: an instrument that sees tasks being spawned (greenback._trio_instrument)
 # ---------------------------------------------------------------------------
-
-_instrument_holder: Any = None  # trio.lowlevel.RunVar, created on first use
-
-
-def _holder() -> Any:
-    global _instrument_holder
-    if _instrument_holder is None:
-        import trio
-
-        _instrument_holder = trio.lowlevel.RunVar("greenback_instrument", default=None)
-    return _instrument_holder
-
-
-def _make_instrument_class() -> type:
-    import trio
-
-    class AutoPortalInstrument(trio.abc.Instrument):
-        """A Trio instrument that gives newly spawned tasks a portal where
-        appropriate.
-
-        The tree functions (:func:`with_portal_run_tree`,
-        :func:`portals_for_tree`, :func:`portals_for_children`) add one to the
-        run themselves, share it, and remove it when the last of them ends.
-        Passed to ``trio.run(..., instruments=[AutoPortalInstrument()])``, it
-        gives every task of the run a portal, system tasks included.
-        """
-
-        def __init__(self) -> None:
-            # Tasks whose new children get portals, each with the number of
-            # its nurseries that were open when its scope began: children of
-            # those enclosing nurseries get none.
-            self.tasks: dict[trio.lowlevel.Task, int] = {}
-            self.refs = 0
-
-        def before_run(self) -> None:
-            # Only called when passed to trio.run(): then it stays all run.
-            self.refs = 1
-            _holder().set(self)
-
-        def task_spawned(self, task: trio.lowlevel.Task) -> None:
-            nursery = task.parent_nursery
-            if nursery is None:
-                # The init task: seen only when passed to trio.run(), which
-                # asks for portals everywhere.
-                self._portalize(task)
-                return
-            parent = nursery.parent_task
-            first_nursery = self.tasks.get(parent)
-            if first_nursery is None:
-                return
-            if parent.child_nurseries.index(nursery) >= first_nursery:
-                self._portalize(task)
-
-        def task_exited(self, task: trio.lowlevel.Task) -> None:
-            self.tasks.pop(task, None)
-
-        def _portalize(self, task: trio.lowlevel.Task) -> None:
-            coro = task.coro
-            if not isinstance(coro, _core.Portal):
-                task.coro = _core.make_task_portal(coro, _tasks.coro_has_started(coro))
-            self.tasks[task] = 0
-
-    AutoPortalInstrument.__module__ = "greenback"
-    return AutoPortalInstrument
-
-
-_instrument_class: type | None = None
-
-
-def instrument_class() -> type:
-    global _instrument_class
-    if _instrument_class is None:
-        _instrument_class = _make_instrument_class()
-    return _instrument_class
 
 
 @contextmanager
 def _trio_children_scope() -> Iterator[None]:
     import trio
 
+    from ._trio_instrument import AutoPortalInstrument, instrument_holder
+
     task = trio.lowlevel.current_task()
-    holder = _holder()
+    holder = instrument_holder()
     instrument = holder.get()
     if instrument is None:
-        instrument = instrument_class()()
+        instrument = AutoPortalInstrument()
         trio.lowlevel.add_instrument(instrument)
         holder.set(instrument)
     elif task in instrument.tasks:
@@ -284,13 +211,3 @@ def _trio_children_scope() -> Iterator[None]:
         if instrument.refs == 0:
             holder.set(None)
             trio.lowlevel.remove_instrument(instrument)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AutoPortalInstrument":
-        return instrument_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if TYPE_CHECKING:
-    AutoPortalInstrument = trio.abc.Instrument

@@ -6,24 +6,32 @@ from __future__ import annotations
 import sys
 from contextlib import AbstractAsyncContextManager
 from functools import wraps
+from types import TracebackType
 from typing import (
     Any,
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Generic,
     Iterator,
     ParamSpec,
+    Protocol,
     TypeVar,
     cast,
+    overload,
 )
 
 from ._core import await_
 from ._portal import with_portal_run_sync
 
 T = TypeVar("T")
+R = TypeVar("R")
+S = TypeVar("S")
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 
 
 def autoawait(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
@@ -42,6 +50,27 @@ def autoawait(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
     return call_and_await
 
 
+class _SignaturePreserving(Protocol):
+    def __call__(self, fn: Callable[Q, R], /) -> Callable[Q, R]: ...
+
+
+class _AsyncSignaturePreserving(Protocol):
+    def __call__(
+        self, fn: Callable[Q, Awaitable[R]], /
+    ) -> Callable[Q, Coroutine[Any, Any, R]]: ...
+
+
+# A decorator that keeps the signature (typed with ParamSpec) gives back an
+# async function with the original signature. Any other decorator is typed by
+# what it returns: functools.lru_cache() gives (*Hashable, **Hashable) -> T.
+# (Decorators typed `(f: F) -> F` with F bound to Callable[..., Any] come out
+# as Any: mypy cannot pick between these overloads for them.)
+@overload
+def decorate_as_sync(decorator: _SignaturePreserving) -> _AsyncSignaturePreserving: ...
+@overload
+def decorate_as_sync(
+    decorator: Callable[[Callable[..., T]], Callable[P, R]],
+) -> Callable[[Callable[..., Awaitable[T]]], Callable[P, Coroutine[Any, Any, R]]]: ...
 def decorate_as_sync(decorator: Callable[..., Any]) -> Callable[..., Any]:
     """Apply the synchronous function decorator *decorator* to an async
     function.
@@ -93,14 +122,11 @@ def _aenter_error(cm: object, missing: str) -> Exception:
     name = type(cm).__name__
     if sys.version_info < (3, 11):
         return AttributeError(missing)
-    if missing == "__aexit__":
-        return TypeError(
-            f"'{name}' object does not support the asynchronous context manager "
-            "protocol (missed __aexit__ method)"
-        )
-    return TypeError(
-        f"'{name}' object does not support the asynchronous context manager protocol"
-    )
+    else:
+        protocol = "object does not support the asynchronous context manager protocol"
+        if missing == "__aexit__":
+            return TypeError(f"'{name}' {protocol} (missed __aexit__ method)")
+        return TypeError(f"'{name}' {protocol}")
 
 
 class async_context(Generic[T]):
@@ -125,8 +151,9 @@ class async_context(Generic[T]):
             raise _aenter_error(self._cm, "__aexit__")
         return cast(T, await_(aenter()))
 
-    def __exit__(self, *exc_info: Any) -> bool | None:
-        return cast("bool | None", await_(self._aexit(*exc_info)))
+    def __exit__(self, *exc_info: Any) -> bool:
+        # True when the async context manager suppressed the exception.
+        return bool(await_(self._aexit(*exc_info)))
 
 
 class async_iter(Generic[T]):
@@ -141,7 +168,12 @@ class async_iter(Generic[T]):
     """
 
     __slots__ = ("_it",)
+    _it: AsyncIterator[Any]
 
+    @overload
+    def __new__(cls, iterable: AsyncGenerator[T, S]) -> async_generator[T, S]: ...
+    @overload
+    def __new__(cls, iterable: AsyncIterable[T]) -> async_iter[T]: ...
     def __new__(cls, iterable: AsyncIterable[T]) -> async_iter[T]:
         aiter = _lookup_special(iterable, "__aiter__")
         if aiter is _MISSING:
@@ -172,21 +204,33 @@ class async_iter(Generic[T]):
             raise StopIteration(*exc.args) from None
 
 
-class async_generator(async_iter[T]):
+class async_generator(async_iter[T], Generic[T, S]):
     """:class:`async_iter` over an async generator: also forwards ``send``,
     ``throw`` and ``close``."""
 
     __slots__ = ()
 
-    def _agen(self) -> AsyncGenerator[T, Any]:
-        return cast("AsyncGenerator[T, Any]", self._it)
+    def _agen(self) -> AsyncGenerator[T, S]:
+        return cast("AsyncGenerator[T, S]", self._it)
 
-    def send(self, value: Any) -> T:
+    def send(self, value: S, /) -> T:
         try:
             return await_(self._agen().asend(value))
         except StopAsyncIteration as exc:
             raise StopIteration(*exc.args) from None
 
+    @overload
+    def throw(
+        self, typ: BaseException, val: None = None, tb: TracebackType | None = None, /
+    ) -> T: ...
+    @overload
+    def throw(
+        self,
+        typ: type[BaseException],
+        val: BaseException | object = None,
+        tb: TracebackType | None = None,
+        /,
+    ) -> T: ...
     def throw(self, *exc_info: Any) -> T:
         try:
             return await_(self._agen().athrow(*exc_info))

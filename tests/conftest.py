@@ -7,18 +7,24 @@ uvloop, Trio, and anyio on either backend.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from types import ModuleType
+from typing import Any, Coroutine, Callable, TypeVar, cast
 
 import anyio
 import pytest
 import trio
 
+uvloop: ModuleType | None
 try:
-    import uvloop
+    uvloop = importlib.import_module("uvloop")
 except ImportError:  # pragma: no cover - uvloop has no wheels for every platform
     uvloop = None
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class Lib:
     name: str  # "asyncio", "uvloop", "trio", "anyio-asyncio", "anyio-trio"
     sniffio_name: str  # what sniffio reports: "asyncio" or "trio"
 
-    def run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         if self.name == "asyncio":
             return asyncio.run(fn(*args))
         if self.name == "uvloop":
@@ -36,7 +42,9 @@ class Lib:
             if sys.version_info >= (3, 11):
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     return runner.run(fn(*args))
-            return uvloop.run(fn(*args))  # pragma: no cover
+            else:
+                result: T = uvloop.run(fn(*args))
+                return result
         if self.name == "trio":
             return trio.run(fn, *args)
         backend = self.name.split("-", 1)[1]
@@ -69,10 +77,10 @@ if uvloop is not None:
 @pytest.fixture(params=_CORE_LIBS, ids=lambda lib: lib.name)
 def lib(request: pytest.FixtureRequest) -> Lib:
     """asyncio and Trio."""
-    return request.param
+    return cast(Lib, request.param)
 
 
 @pytest.fixture(params=_CORE_LIBS + _EXTRA_LIBS, ids=lambda lib: lib.name)
 def any_lib(request: pytest.FixtureRequest) -> Lib:
     """Every supported way of running: asyncio, uvloop, Trio, anyio x2."""
-    return request.param
+    return cast(Lib, request.param)

@@ -36,7 +36,7 @@ def run_sync_in_portal(lib: Lib, fn: Callable[[], T]) -> T:
     async def main() -> T:
         return await greenback.with_portal_run_sync(fn)
 
-    return cast(T, lib.run(main))
+    return lib.run(main)
 
 
 # --------------------------------------------------------------------------
@@ -787,9 +787,9 @@ def test_async_iter_errors_raised_when_wrapping() -> None:
     # Like `async for`, the iterator is obtained (and checked) up front,
     # before any element is requested; no portal is needed for that.
     with pytest.raises(TypeError):
-        greenback.async_iter(NoAiter())  # type: ignore[arg-type]
+        greenback.async_iter(NoAiter())  # type: ignore[call-overload]
     with pytest.raises(TypeError):
-        greenback.async_iter(AiterWithoutAnext())  # type: ignore[arg-type]
+        greenback.async_iter(AiterWithoutAnext())  # type: ignore[call-overload]
 
 
 def test_async_iter_stop_async_iteration_args(lib: Lib) -> None:
@@ -911,23 +911,23 @@ def test_async_iter_throw_unhandled_and_send_to_end(lib: Lib) -> None:
         it = greenback.async_iter(agen())
         assert next(it) == 1
         with pytest.raises(ZeroDivisionError):
-            it.throw(ZeroDivisionError("z"))  # type: ignore[attr-defined]
+            it.throw(ZeroDivisionError("z"))
         assert log == ["finally"]
 
         # Sending past the end ends in StopIteration.
         log.clear()
         it = greenback.async_iter(agen())
         assert next(it) == 1
-        assert it.send(None) == 2  # type: ignore[attr-defined]
+        assert it.send(None) == 2
         with pytest.raises(StopIteration):
-            it.send(None)  # type: ignore[attr-defined]
+            it.send(None)
         assert log == ["finally"]
 
         # Closing directly runs the finally block.
         log.clear()
         it = greenback.async_iter(agen())
         assert next(it) == 1
-        it.close()  # type: ignore[attr-defined]
+        it.close()
         assert log == ["finally"]
 
     run_sync_in_portal(lib, sync_code)

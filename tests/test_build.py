@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.machinery
+import subprocess
+import sys
 import sysconfig
+import tarfile
 import types
 from pathlib import Path
 
@@ -17,7 +20,7 @@ def test_core_is_a_compiled_extension_module() -> None:
     core_file = greenback._core.__file__
     assert core_file is not None
     assert core_file.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), core_file
-    loader = greenback._core.__spec__.loader if greenback._core.__spec__ else None
+    loader = greenback._core.__spec__.loader
     assert isinstance(loader, importlib.machinery.ExtensionFileLoader)
 
 
@@ -57,3 +60,24 @@ def test_py_typed_ships_with_the_installed_package() -> None:
     assert greenback.__file__ is not None
     pkg_dir = Path(greenback.__file__).resolve().parent
     assert (pkg_dir / "py.typed").is_file()
+
+
+def test_sdist_ships_sources_and_types_but_no_generated_c(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO_ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (sdist,) = tmp_path.glob("greenback-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    for shipped in (
+        "greenback/py.typed",
+        "greenback/__init__.pyi",
+        "greenback/_core.pyi",
+        "greenback/_core.pyx",
+        "greenback/_greenlet.pxd",
+    ):
+        assert shipped in names
+    assert not [name for name in names if name.endswith((".c", ".so", ".html"))]

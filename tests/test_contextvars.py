@@ -24,8 +24,9 @@ def create_task_in_context(
 ) -> asyncio.Task[T]:
     if sys.version_info >= (3, 11):
         return asyncio.create_task(coro, context=ctx)
-    # 3.10 has no context= argument: the task runs in a copy of ctx instead.
-    return ctx.run(asyncio.create_task, coro)
+    else:
+        # 3.10 has no context= argument: the task runs in a copy of ctx instead.
+        return ctx.run(asyncio.create_task, coro)
 
 
 async def get_after_checkpoint(lib: Lib) -> str:

@@ -485,7 +485,7 @@ def test_loop_closed_with_task_suspended_in_await(caplog: pytest.LogCaptureFixtu
         assert log == []
         # It stays pending until the interpreter exits; don't let asyncio
         # log that into the output of unrelated tests.
-        task._log_destroy_pending = False  # type: ignore[attr-defined]
+        task._log_destroy_pending = False
     else:
         assert log == ["finally"]
     del task
@@ -640,7 +640,9 @@ def test_closing_task_portal_after_its_coroutine_was_closed(
             assert task.get_coro() is not original  # the portal stands in for it
             original.close()
             assert log == ["finally"]
-            task.get_coro().close()
+            portal = task.get_coro()
+            assert portal is not None
+            portal.close()
         finally:
             loop.close()
             tasks.clear()

@@ -16,6 +16,7 @@ import sniffio
 import trio
 
 import greenback
+import greenback._trio_instrument
 import greenback._tree
 
 from conftest import Lib
@@ -324,7 +325,7 @@ def test_overlapping_scopes_in_sibling_tasks(lib: Lib) -> None:
             tg.start_soon(task_a, *events)
             tg.start_soon(task_b, *events)
         if lib.sniffio_name == "trio":
-            assert greenback._tree._holder().get() is None
+            assert greenback._trio_instrument.instrument_holder().get() is None
         else:
             assert asyncio.get_running_loop().get_task_factory() is None
         await spawn("main after")
@@ -348,7 +349,7 @@ def test_run_tree_exception_propagates_and_cleans_up(lib: Lib) -> None:
             await greenback.with_portal_run_tree(fn)
         assert not portal_works()
         if lib.sniffio_name == "trio":
-            assert greenback._tree._holder().get() is None
+            assert greenback._trio_instrument.instrument_holder().get() is None
         else:
             assert asyncio.get_running_loop().get_task_factory() is None
         seen: dict[str, bool] = {}
@@ -388,11 +389,10 @@ def test_run_tree_is_not_a_checkpoint_asyncio() -> None:
         return "result"
 
     async def main() -> None:
-        ran = False
+        ran: list[str] = []
 
         async def other() -> None:
-            nonlocal ran
-            ran = True
+            ran.append("other")
 
         task = asyncio.create_task(other())
         assert await greenback.with_portal_run_tree(immediate) == "result"
@@ -492,7 +492,7 @@ def test_portals_for_children_nested_scopes(lib: Lib) -> None:
         if lib.sniffio_name == "asyncio":
             assert asyncio.get_running_loop().get_task_factory() is None
         else:
-            assert greenback._tree._holder().get() is None
+            assert greenback._trio_instrument.instrument_holder().get() is None
 
     lib.run(main)
     expected: dict[str, bool] = {}
@@ -735,23 +735,22 @@ def test_portals_for_tree_is_not_a_cancellation_point_asyncio() -> None:
     asyncio.run(main())
 
 
-def test_portals_for_tree_asyncio_timeout_still_times_out() -> None:
-    if sys.version_info < (3, 11):
-        pytest.skip("asyncio.timeout is 3.11+")
+if sys.version_info >= (3, 11):  # asyncio.timeout is 3.11+
 
-    async def main() -> None:
-        marks: list[str] = []
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0):
-                async with greenback.portals_for_tree():
-                    marks.append("in")
-                    await asyncio.sleep(1)
-                    marks.append("unreachable")  # pragma: no cover
-        assert marks == ["in"]
-        task = asyncio.current_task()
-        assert task is not None and task.cancelling() == 0
+    def test_portals_for_tree_asyncio_timeout_still_times_out() -> None:
+        async def main() -> None:
+            marks: list[str] = []
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0):
+                    async with greenback.portals_for_tree():
+                        marks.append("in")
+                        await asyncio.sleep(1)
+                        marks.append("unreachable")  # pragma: no cover
+            assert marks == ["in"]
+            task = asyncio.current_task()
+            assert task is not None and task.cancelling() == 0
 
-    asyncio.run(main())
+        asyncio.run(main())
 
 
 def test_portals_for_tree_body_exception_propagates(lib: Lib) -> None:
@@ -821,7 +820,7 @@ def test_tree_scopes_share_one_instrument_trio() -> None:
     seen: dict[str, bool] = {}
 
     async def main() -> None:
-        holder = greenback._tree._holder()
+        holder = greenback._trio_instrument.instrument_holder()
         assert holder.get() is None
         instruments: dict[str, object] = {}
         a_in, b_in, a_out = trio.Event(), trio.Event(), trio.Event()
@@ -1120,22 +1119,22 @@ def test_asyncio_eager_task_factory() -> None:
     }
 
 
-def test_asyncio_task_created_with_explicit_context() -> None:
-    """A task created inside the scope with a context copied outside it is
-    not in the scope; one with a context copied inside it is."""
-    if sys.version_info < (3, 11):
-        pytest.skip("create_task(context=) is 3.11+")
-    seen: dict[str, bool] = {}
+if sys.version_info >= (3, 11):  # create_task(context=) is 3.11+
 
-    async def main() -> None:
-        outside = contextvars.copy_context()
-        with greenback.portals_for_children():
-            inside = contextvars.copy_context()
-            await asyncio.create_task(family(seen, "outside ctx", 0), context=outside)
-            await asyncio.create_task(family(seen, "inside ctx", 0), context=inside)
+    def test_asyncio_task_created_with_explicit_context() -> None:
+        """A task created inside the scope with a context copied outside it is
+        not in the scope; one with a context copied inside it is."""
+        seen: dict[str, bool] = {}
 
-    asyncio.run(main())
-    assert seen == {"outside ctx": False, "inside ctx": True}
+        async def main() -> None:
+            outside = contextvars.copy_context()
+            with greenback.portals_for_children():
+                inside = contextvars.copy_context()
+                await asyncio.create_task(family(seen, "outside ctx", 0), context=outside)
+                await asyncio.create_task(family(seen, "inside ctx", 0), context=inside)
+
+        asyncio.run(main())
+        assert seen == {"outside ctx": False, "inside ctx": True}
 
 
 def test_asyncio_loop_settings_are_per_loop() -> None:

@@ -1,0 +1,68 @@
+"""The Trio instrument behind the tree portals. Importing this module imports
+Trio, so greenback only does so when a Trio program asks for tree portals."""
+
+from __future__ import annotations
+
+import trio
+
+from . import _core, _tasks
+
+_holder: trio.lowlevel.RunVar[AutoPortalInstrument | None] = trio.lowlevel.RunVar(
+    "greenback_instrument", default=None
+)
+
+
+def instrument_holder() -> trio.lowlevel.RunVar[AutoPortalInstrument | None]:
+    """The run's shared instrument, while any tree scope is active in it."""
+    return _holder
+
+
+class AutoPortalInstrument(trio.abc.Instrument):
+    """A Trio instrument that gives newly spawned tasks a portal where
+    appropriate.
+
+    The tree functions (:func:`with_portal_run_tree`, :func:`portals_for_tree`,
+    :func:`portals_for_children`) add one to the run themselves, share it, and
+    remove it when the last of them ends. Passed to
+    ``trio.run(..., instruments=[AutoPortalInstrument()])``, it gives every
+    task of the run a portal, system tasks included.
+    """
+
+    def __init__(self) -> None:
+        # Tasks whose new children get portals, each with the number of its
+        # nurseries that were open when its scope began: children of those
+        # enclosing nurseries get none.
+        self.tasks: dict[trio.lowlevel.Task, int] = {}
+        self.refs = 0
+
+    def before_run(self) -> None:
+        # Only called when passed to trio.run(): then it stays all run.
+        self.refs = 1
+        _holder.set(self)
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        nursery = task.parent_nursery
+        if nursery is None:
+            # The init task: seen only when passed to trio.run(), which asks
+            # for portals everywhere.
+            self._portalize(task)
+            return
+        parent = nursery.parent_task
+        first_nursery = self.tasks.get(parent)
+        if first_nursery is None:
+            return
+        if parent.child_nurseries.index(nursery) >= first_nursery:
+            self._portalize(task)
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.pop(task, None)
+
+    def _portalize(self, task: trio.lowlevel.Task) -> None:
+        coro: object = task.coro
+        if not isinstance(coro, _core.Portal):
+            # A task is spawned before its coroutine first runs.
+            _tasks.set_coro(task, task.coro, _core.make_task_portal(task.coro, False))
+        self.tasks[task] = 0
+
+
+AutoPortalInstrument.__module__ = "greenback"
