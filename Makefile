@@ -10,13 +10,16 @@ PIP := $(VPY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.deps-installed
 SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi) setup.py pyproject.toml
 
-.PHONY: help venv build install demo test pytest typecheck clean
+UPSTREAM_VENV ?= .venv-upstream
+
+.PHONY: help venv build install demo test pytest typecheck bench clean
 
 help:
 	@echo "make demo      - set up .venv, build, run examples/quickstart.py"
 	@echo "make test      - set up .venv, build, install; typecheck, then the whole suite"
 	@echo "make typecheck - mypy --strict (package, tests, type tests) and stubtest"
 	@echo "make pytest    - only the pytest suite (PYTEST_ARGS=... to select)"
+	@echo "make bench     - benchmark against upstream greenback 1.3.0 (own venv)"
 	@echo "make build     - compile the extension in place (for development)"
 	@echo "make clean     - remove build products"
 
@@ -49,7 +52,7 @@ demo: install
 # then stubtest against the installed wheel, run from tests/ so that the
 # installed copy is what gets imported.
 typecheck: install
-	$(VPY) -m mypy greenback tests
+	$(VPY) -m mypy greenback tests benchmarks
 	cd tests && ../$(VPY) -m mypy.stubtest greenback \
 		--mypy-config-file ../pyproject.toml --allowlist ../stubtest-allowlist.txt
 
@@ -57,6 +60,21 @@ pytest: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test: typecheck pytest
+
+# Upstream greenback, the pure-Python original, in a venv of its own.
+$(UPSTREAM_VENV)/.installed: requirements/bench-upstream.txt
+	$(PYTHON) -m venv $(UPSTREAM_VENV)
+	$(UPSTREAM_VENV)/bin/python -m pip --disable-pip-version-check -q install -r requirements/bench-upstream.txt
+	touch $@
+
+$(VENV)/.bench-deps: $(STAMP) requirements/bench.txt
+	$(PIP) install -r requirements/bench.txt
+	touch $@
+
+# Alternating processes of both implementations; rewrites docs/performance.md.
+bench: install $(VENV)/.bench-deps $(UPSTREAM_VENV)/.installed
+	cd benchmarks && ../$(VPY) bench.py run --ours ../$(VPY) \
+		--upstream ../$(UPSTREAM_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist .build.lock *.egg-info greenback/*.c greenback/*.so greenback/*.html

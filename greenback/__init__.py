@@ -7,10 +7,9 @@ function below it can call ``greenback.await_(some_coroutine())``.
 from typing import Any
 
 from ._version import __version__ as __version__
-from ._core import await_ as await_
+from ._core import await_ as await_, ensure_portal as ensure_portal
 from ._portal import (
     bestow_portal as bestow_portal,
-    ensure_portal as ensure_portal,
     has_portal as has_portal,
     with_portal_run as with_portal_run,
     with_portal_run_sync as with_portal_run_sync,

@@ -4,10 +4,9 @@
 # `await fetch("wrong")` is). This stub exists because AutoPortalInstrument is
 # created on first access at run time, which type checkers cannot follow.
 
-from ._core import await_ as await_
+from ._core import await_ as await_, ensure_portal as ensure_portal
 from ._portal import (
     bestow_portal as bestow_portal,
-    ensure_portal as ensure_portal,
     has_portal as has_portal,
     with_portal_run as with_portal_run,
     with_portal_run_sync as with_portal_run_sync,

@@ -41,11 +41,13 @@ from greenback._greenlet cimport (
     import_greenlet,
 )
 
+import asyncio
 import threading
 import warnings
 from functools import partial
 
 import greenlet
+import sniffio
 
 from greenback._worker import run_worker
 
@@ -955,6 +957,90 @@ def make_task_portal(coro, started):
     portal.coro = coro
     portal.started = started
     return portal
+
+
+# ---------------------------------------------------------------------------
+# ensure_portal(): once per task, but programs that spawn many portal tasks
+# call it all the time, so it is compiled and looks things up only once.
+# ---------------------------------------------------------------------------
+
+cdef object _sniffio_thread_local = sniffio.thread_local
+cdef object _sniffio_cvar = sniffio.current_async_library_cvar
+cdef object _asyncio_current_task = asyncio.current_task
+cdef object _c_task_type = type(None)  # _asyncio.Task where it exists
+try:
+    from _asyncio import Task as _CTask
+    _c_task_type = _CTask
+except ImportError:  # only CPython has the C Task
+    pass
+
+
+async def ensure_portal():
+    """Ensure that the current async task is able to use :func:`greenback.await_`.
+
+    The first call in a task puts a portal between the event loop and the
+    task's coroutine, so that every later step of the task runs where
+    :func:`await_` can reach the event loop. Calling it again is a no-op.
+    Either way it is a checkpoint (a schedule point and a cancellation point),
+    after which the portal is ready.
+    """
+    if gb_active_portal != NULL:
+        library = _tasks().current_library()
+    else:
+        library = _install_portal_in_running_task()
+    # The portal takes over at the task's next step, so yield once: after
+    # this, await_() works even with no further checkpoint.
+    await _tasks().checkpoint(library)
+
+
+cdef object _tasks_module = None
+
+
+cdef object _tasks():
+    # greenback._tasks imports this module, so import it on first use.
+    global _tasks_module
+    if _tasks_module is None:
+        from greenback import _tasks
+        _tasks_module = _tasks
+    return _tasks_module
+
+
+cdef str _install_portal_in_running_task():
+    """Portalize the running task; return its library's name. Detects the
+    library in sniffio's order, finding the task only once."""
+    name = _sniffio_thread_local.name  # Trio sets this while it runs
+    if name is None:
+        name = _sniffio_cvar.get()
+    if name is None:
+        try:
+            task = _asyncio_current_task()
+        except RuntimeError:  # no running loop
+            task = None
+        if task is not None:
+            _install_in_asyncio_task(task)
+            return "asyncio"
+    tasks = _tasks()
+    library = tasks.current_library()  # raises outside async code, or if unsupported
+    task = tasks.current_task_of(library)
+    if library == "asyncio":
+        _install_in_asyncio_task(task)
+        return library
+    coro = task.coro
+    if not (isinstance(coro, Portal) and (<Portal>coro).provides_portal):
+        # The task is running, so no send is pending for the old coroutine.
+        task.coro = make_task_portal(coro, True)
+    return library
+
+
+cdef void _install_in_asyncio_task(object task) except *:
+    coro = task.get_coro()
+    if isinstance(coro, Portal) and (<Portal>coro).provides_portal:
+        return
+    portal = make_task_portal(coro, True)
+    if isinstance(task, _c_task_type):
+        set_c_task_coro(task, coro, portal)
+    else:
+        task._coro = portal  # the pure-Python Task lets us assign it
 
 
 def in_active_portal():

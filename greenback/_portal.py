@@ -1,6 +1,6 @@
 """The public ways to get a portal: for the rest of a task's life
-(ensure_portal, bestow_portal), or for one call (with_portal_run*), plus
-has_portal to ask."""
+(bestow_portal here; ensure_portal is compiled, in _core), or for one call
+(with_portal_run*), plus has_portal to ask."""
 
 from __future__ import annotations
 
@@ -17,27 +17,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 P = ParamSpec("P")
-
-
-async def ensure_portal() -> None:
-    """Ensure that the current async task is able to use :func:`greenback.await_`.
-
-    The first call in a task puts a portal between the event loop and the
-    task's coroutine, so that every later step of the task runs where
-    :func:`await_` can reach the event loop. Calling it again is a no-op.
-    Either way it is a checkpoint (a schedule point and a cancellation point),
-    after which the portal is ready.
-    """
-    library = _tasks.current_library()
-    if not _core.in_active_portal():
-        task = _tasks.current_task_of(library)
-        coro = _tasks.get_coro(task)
-        if not (isinstance(coro, _core.Portal) and coro.provides_portal):
-            # A running task's coroutine has started, by definition.
-            _tasks.set_coro(task, coro, _core.make_task_portal(coro, True))
-    # The portal takes over at the task's next step, so yield once: after
-    # this, await_() works even with no further checkpoint.
-    await _tasks.checkpoint(library)
 
 
 def bestow_portal(task: Union[asyncio.Task[Any], trio.lowlevel.Task]) -> None:

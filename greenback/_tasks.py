@@ -1,18 +1,19 @@
 """Access to the tasks of the supported event loops: which task is running,
 which coroutine a task runs, and how to swap it. Everything that differs
-between asyncio and Trio lives here; none of it is on the hot path."""
+between asyncio and Trio lives here, except the compiled fast path of
+ensure_portal() in _core."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, TypeAlias
+import types
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Generator, TypeAlias
 
 import sniffio
 
 from . import _core
-
-
 
 def _c_task_types() -> tuple[type, ...]:
     try:
@@ -23,10 +24,9 @@ def _c_task_types() -> tuple[type, ...]:
 
 
 _C_TASK_TYPES = _c_task_types()
+_ASYNCIO_TASK_TYPES = _C_TASK_TYPES + (asyncio.Task,)
 
 if TYPE_CHECKING:
-    import asyncio
-
     import trio
 
     _AnyTask: TypeAlias = "asyncio.Task[Any] | trio.lowlevel.Task"
@@ -52,8 +52,6 @@ def current_task_of(library: str) -> _AnyTask:
         import trio
 
         return trio.lowlevel.current_task()
-    import asyncio
-
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError(
@@ -64,12 +62,25 @@ def current_task_of(library: str) -> _AnyTask:
 
 
 def checkpoint(library: str) -> Awaitable[None]:
-    """A schedule point and a cancellation point, on either library."""
-    return sys.modules[library].sleep(0)  # type: ignore[no-any-return]
+    """A schedule point and a cancellation point, on either library: what
+    `trio.sleep(0)` and `asyncio.sleep(0)` do, minus their wrapper frames."""
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.checkpoint()
+    return _asyncio_checkpoint()
+
+
+@types.coroutine
+def _asyncio_checkpoint() -> Generator[None, None, None]:
+    # A bare yield makes an asyncio task reschedule itself; a pending
+    # cancellation is delivered here, as at asyncio.sleep(0).
+    yield
 
 
 def _is_trio_task(task: object) -> bool:
-    return type(task).__module__.startswith("trio")
+    # Not isinstance(): that would import Trio into asyncio programs.
+    return not isinstance(task, _ASYNCIO_TASK_TYPES) and type(task).__module__.startswith("trio")
 
 
 def get_coro(task: _AnyTask) -> Coroutine[Any, Any, Any]:
@@ -99,8 +110,6 @@ def set_coro(
 
 def check_task(task: object) -> None:
     """Reject what is not a live task of a supported library, naming the fix."""
-    import asyncio
-
     if isinstance(task, asyncio.Task):
         if task.done():
             raise RuntimeError(

@@ -1,0 +1,57 @@
+"""The benchmark script runs and reports every operation. Timing is never
+asserted here (the machine is shared and noisy); that is what `make bench`
+is for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Lib
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def test_worker_reports_every_operation(lib: Lib) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "worker", "--library", lib.sniffio_name,
+         "--rounds", "1", "--scale", "0.005"],
+        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert set(results) == {
+        "bare", "in_portal", "await_", "sync_portal", "async_portal",
+        "sync_portal_await", "task_plain", "task_portal", "await_ten",
+    }
+    for key, samples in results.items():
+        assert len(samples) == 1, key
+        assert samples[0] > 0, key
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_report_marks_targets(met: bool) -> None:
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench"]
+    slow = 1.0 if met else 3.0
+    samples = {op.key: [1.0] for op in bench.OPS}
+    samples["in_portal"] = [1.2 * slow]
+    ratios = {key: [1.0] for key, (base, _, _) in bench.TARGETS.items() if base != "upstream"}
+    ratios["in_portal"] = [1.2 * slow]
+    data = {"asyncio": {"ours": samples, "upstream": samples,
+                        "ours_ratio": ratios, "upstream_ratio": {}}}
+    rows = bench.summarize(data)
+    (row,) = [r for r in rows if r["key"] == "in_portal"]
+    assert row["met"] is met
+    assert row["target"] == "<= 1.5x bare"
