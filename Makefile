@@ -56,8 +56,11 @@ typecheck: install
 	cd tests && ../$(VPY) -m mypy.stubtest greenback \
 		--mypy-config-file ../pyproject.toml --allowlist ../stubtest-allowlist.txt
 
+# The suite runs twice: against the compiled core, then against its
+# pure-Python twin (--no-c-extensions).
 pytest: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	cd tests && ../$(VPY) -m pytest -p no:cacheprovider --no-c-extensions $(PYTEST_ARGS)
 
 test: typecheck pytest
 

@@ -7,7 +7,8 @@ function below it can call ``greenback.await_(some_coroutine())``.
 from typing import Any
 
 from ._version import __version__ as __version__
-from ._core import await_ as await_, ensure_portal as ensure_portal
+from ._select import IMPLEMENTATION as __implementation__
+from ._select import impl as _impl
 from ._portal import (
     bestow_portal as bestow_portal,
     has_portal as has_portal,
@@ -26,8 +27,12 @@ from ._util import (
     decorate_as_sync as decorate_as_sync,
 )
 
+await_ = _impl.await_
+ensure_portal = _impl.ensure_portal
+
 __all__ = [
     "AutoPortalInstrument",
+    "__implementation__",
     "__version__",
     "async_context",
     "async_iter",

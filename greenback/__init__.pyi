@@ -4,6 +4,8 @@
 # `await fetch("wrong")` is). This stub exists because AutoPortalInstrument is
 # created on first access at run time, which type checkers cannot follow.
 
+from typing import Literal
+
 from ._core import await_ as await_, ensure_portal as ensure_portal
 from ._portal import (
     bestow_portal as bestow_portal,
@@ -25,8 +27,13 @@ from ._util import (
 )
 from ._version import __version__ as __version__
 
+# Which implementation is active: the compiled core, or its pure-Python twin
+# (chosen at import; see greenback._select).
+__implementation__: Literal["compiled", "pure-python"]
+
 __all__ = [
     "AutoPortalInstrument",
+    "__implementation__",
     "__version__",
     "async_context",
     "async_iter",

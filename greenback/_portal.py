@@ -1,5 +1,5 @@
 """The public ways to get a portal: for the rest of a task's life
-(bestow_portal here; ensure_portal is compiled, in _core), or for one call
+(bestow_portal here; ensure_portal is in _core and _purepy), or for one call
 (with_portal_run*), plus has_portal to ask."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, ParamSpec, TypeVar, 
 
 import sniffio
 
-from . import _core, _tasks
+from . import _tasks
+from ._select import impl
 
 if TYPE_CHECKING:
     import asyncio
@@ -29,16 +30,16 @@ def bestow_portal(task: Union[asyncio.Task[Any], trio.lowlevel.Task]) -> None:
     """
     _tasks.check_task(task)
     coro = _tasks.get_coro(task)
-    if isinstance(coro, _core.Portal) and coro.provides_portal:
+    if isinstance(coro, impl.Portal) and coro.provides_portal:
         return
     if _tasks.portal_in_await_chain(coro):
         return  # inside with_portal_run*(): it already has one
     try:
-        if task is _tasks.current_task() and _core.in_active_portal():
+        if task is _tasks.current_task() and impl.in_active_portal():
             return
     except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
         pass
-    portal = _core.make_task_portal(coro, _tasks.coro_has_started(coro))
+    portal = impl.make_task_portal(coro, _tasks.coro_has_started(coro))
     _tasks.set_coro(task, coro, portal)
 
 
@@ -53,17 +54,17 @@ def has_portal(
     Another task counts once a portal has been bestowed on it.
     """
     if task is None:
-        return _core.in_active_portal()
+        return impl.in_active_portal()
     try:
         if task is _tasks.current_task():
-            return _core.in_active_portal()
+            return impl.in_active_portal()
     except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
         pass
     try:
         coro = _tasks.get_coro(task)
     except AttributeError:
         return False
-    if isinstance(coro, _core.Portal) and coro.provides_portal:
+    if isinstance(coro, impl.Portal) and coro.provides_portal:
         return True
     return _tasks.portal_in_await_chain(coro)
 
@@ -82,9 +83,9 @@ async def with_portal_run(
     inside *async_fn*. *async_fn* may return any awaitable, not only a
     coroutine.
     """
-    if _core.in_active_portal():
+    if impl.in_active_portal():
         return await async_fn(*args, **kwds)
-    return await _core.run_portal(async_fn, args, kwds)  # type: ignore[no-any-return]
+    return await impl.run_portal(async_fn, args, kwds)  # type: ignore[no-any-return]
 
 
 async def with_portal_run_sync(
@@ -97,6 +98,6 @@ async def with_portal_run_sync(
     Otherwise the portal lasts only for this call. No checkpoint is added
     beyond those of the :func:`await_` calls that *sync_fn* makes.
     """
-    if _core.in_active_portal():
+    if impl.in_active_portal():
         return sync_fn(*args, **kwds)
-    return await _core.run_sync_portal(sync_fn, args, kwds)  # type: ignore[no-any-return]
+    return await impl.run_sync_portal(sync_fn, args, kwds)  # type: ignore[no-any-return]

@@ -1,7 +1,7 @@
 """Access to the tasks of the supported event loops: which task is running,
 which coroutine a task runs, and how to swap it. Everything that differs
-between asyncio and Trio lives here, except the compiled fast path of
-ensure_portal() in _core."""
+between asyncio and Trio lives here, except ensure_portal()'s own fast path
+(in _core, and in its twin _purepy)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Generator, TypeAlia
 
 import sniffio
 
-from . import _core
+from ._select import impl
 
 def _c_task_types() -> tuple[type, ...]:
     try:
@@ -102,7 +102,7 @@ def set_coro(
         return
     if isinstance(task, _C_TASK_TYPES):
         # The C Task offers no way to assign it: swap the field from C.
-        _core.set_c_task_coro(task, old, new)
+        impl.set_c_task_coro(task, old, new)
     else:
         # The pure-Python asyncio.Task lets us assign it.
         setattr(task, "_coro", new)
@@ -146,7 +146,7 @@ def portal_in_await_chain(coro: object) -> bool:
     seen = 0
     while coro is not None and seen < 10_000:
         seen += 1
-        if isinstance(coro, _core.Portal):
+        if isinstance(coro, impl.Portal):
             if coro.provides_portal:
                 return True
         if hasattr(coro, "cr_await"):
@@ -163,7 +163,7 @@ def explain_missing_portal() -> BaseException:
     library = current_library()  # raises outside async context
     task = current_task()
     coro = get_coro(task)
-    if isinstance(coro, _core.Portal) and coro.provides_portal:
+    if isinstance(coro, impl.Portal) and coro.provides_portal:
         return RuntimeError(
             "This task was given a greenback portal during its current step, "
             "and the portal only starts working once the task "

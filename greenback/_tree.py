@@ -16,7 +16,8 @@ import sys
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
-from . import _core, _tasks
+from . import _tasks
+from ._select import impl
 from ._portal import P, T, with_portal_run
 
 
@@ -66,11 +67,11 @@ async def portals_for_tree() -> AsyncIterator[None]:
     with portals_for_children():
         task = _tasks.current_task_of(library)
         coro = _tasks.get_coro(task)
-        portal: _core.Portal | None = None
-        if not _core.in_active_portal() and not (
-            isinstance(coro, _core.Portal) and coro.provides_portal
+        portal: impl.Portal | None = None
+        if not impl.in_active_portal() and not (
+            isinstance(coro, impl.Portal) and coro.provides_portal
         ):
-            portal = _core.make_task_portal(coro, True)
+            portal = impl.make_task_portal(coro, True)
             _tasks.set_coro(task, coro, portal)
         await _schedule_point(library)  # from here on, steps run in the portal
         try:
@@ -147,8 +148,8 @@ class _PortalTaskFactory:
     ) -> asyncio.Future[Any]:
         context = kwargs.get("context")
         scope = _current_scope.get() if context is None else context.get(_current_scope)
-        if scope is not None and scope.is_live() and not isinstance(coro, _core.Portal):
-            coro = _core.make_task_portal(coro, _tasks.coro_has_started(coro))
+        if scope is not None and scope.is_live() and not isinstance(coro, impl.Portal):
+            coro = impl.make_task_portal(coro, _tasks.coro_has_started(coro))
         if self.previous is not None:
             return self.previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
         return asyncio.Task(coro, loop=loop, **kwargs)

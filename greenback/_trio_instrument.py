@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import trio
 
-from . import _core, _tasks
+from . import _tasks
+from ._select import impl
 
 _holder: trio.lowlevel.RunVar[AutoPortalInstrument | None] = trio.lowlevel.RunVar(
     "greenback_instrument", default=None
@@ -59,9 +60,9 @@ class AutoPortalInstrument(trio.abc.Instrument):
 
     def _portalize(self, task: trio.lowlevel.Task) -> None:
         coro: object = task.coro
-        if not isinstance(coro, _core.Portal):
+        if not isinstance(coro, impl.Portal):
             # A task is spawned before its coroutine first runs.
-            _tasks.set_coro(task, task.coro, _core.make_task_portal(task.coro, False))
+            _tasks.set_coro(task, task.coro, impl.make_task_portal(task.coro, False))
         self.tasks[task] = 0
 
 

@@ -1,4 +1,4 @@
-"""Adapters built on await_(): async functions, context managers and iterators
+"""Adapters built on impl.await_(): async functions, context managers and iterators
 used from synchronous code, and sync-only decorators applied to async code."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import (
     overload,
 )
 
-from ._core import await_
+from ._select import impl
 from ._portal import with_portal_run_sync
 
 T = TypeVar("T")
@@ -45,7 +45,7 @@ def autoawait(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
 
     @wraps(fn)
     def call_and_await(*args: P.args, **kwargs: P.kwargs) -> T:
-        return await_(fn(*args, **kwargs))
+        return impl.await_(fn(*args, **kwargs))
 
     return call_and_await
 
@@ -87,7 +87,7 @@ def decorate_as_sync(decorator: Callable[..., Any]) -> Callable[..., Any]:
     def decorate(async_fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         @wraps(async_fn)
         def run_sync(*args: Any, **kwargs: Any) -> Any:
-            return await_(async_fn(*args, **kwargs))
+            return impl.await_(async_fn(*args, **kwargs))
 
         decorated = decorator(run_sync)
 
@@ -149,11 +149,11 @@ class async_context(Generic[T]):
             raise _aenter_error(self._cm, "__aenter__")
         if self._aexit is _MISSING:
             raise _aenter_error(self._cm, "__aexit__")
-        return cast(T, await_(aenter()))
+        return cast(T, impl.await_(aenter()))
 
     def __exit__(self, *exc_info: Any) -> bool:
         # True when the async context manager suppressed the exception.
-        return bool(await_(self._aexit(*exc_info)))
+        return bool(impl.await_(self._aexit(*exc_info)))
 
 
 class async_iter(Generic[T]):
@@ -199,7 +199,7 @@ class async_iter(Generic[T]):
 
     def __next__(self) -> T:
         try:
-            return cast(T, await_(_lookup_special(self._it, "__anext__")()))
+            return cast(T, impl.await_(_lookup_special(self._it, "__anext__")()))
         except StopAsyncIteration as exc:
             raise StopIteration(*exc.args) from None
 
@@ -215,7 +215,7 @@ class async_generator(async_iter[T], Generic[T, S]):
 
     def send(self, value: S, /) -> T:
         try:
-            return await_(self._agen().asend(value))
+            return impl.await_(self._agen().asend(value))
         except StopAsyncIteration as exc:
             raise StopIteration(*exc.args) from None
 
@@ -233,9 +233,9 @@ class async_generator(async_iter[T], Generic[T, S]):
     ) -> T: ...
     def throw(self, *exc_info: Any) -> T:
         try:
-            return await_(self._agen().athrow(*exc_info))
+            return impl.await_(self._agen().athrow(*exc_info))
         except StopAsyncIteration as exc:
             raise StopIteration(*exc.args) from None
 
     def close(self) -> None:
-        await_(self._agen().aclose())
+        impl.await_(self._agen().aclose())

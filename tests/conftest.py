@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -25,6 +26,33 @@ except ImportError:  # pragma: no cover - uvloop has no wheels for every platfor
 
 
 T = TypeVar("T")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-c-extensions",
+        action="store_true",
+        help="test greenback's pure-Python implementation instead of the compiled one",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports greenback, which picks its
+    # implementation once, at import.
+    if config.getoption("--no-c-extensions"):
+        os.environ["GREENBACK_NO_EXTENSIONS"] = "1"
+    else:
+        os.environ.pop("GREENBACK_NO_EXTENSIONS", None)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    pure = config.getoption("--no-c-extensions")
+    return f"greenback implementation under test: {'pure-python' if pure else 'compiled'}"
+
+
+def pure_python() -> bool:
+    """True when this run tests the pure-Python twin."""
+    return os.environ.get("GREENBACK_NO_EXTENSIONS") == "1"
 
 
 @dataclass(frozen=True)

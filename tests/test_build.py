@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import greenback
 import greenback._core
+import greenback._purepy
+from conftest import pure_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +32,10 @@ def test_await_is_a_compiled_function() -> None:
     assert not isinstance(fn, types.FunctionType)
     kind = type(fn).__name__
     assert "cython" in kind.lower() or kind == "builtin_function_or_method", kind
-    # The public name is the compiled object itself, not a Python wrapper.
-    assert greenback.await_ is fn
+    # In a compiled run, the public name is the compiled object itself, not
+    # a Python wrapper.
+    if not pure_python():
+        assert greenback.await_ is fn
 
 
 def test_portal_is_a_static_c_type() -> None:
@@ -81,3 +86,56 @@ def test_sdist_ships_sources_and_types_but_no_generated_c(tmp_path: Path) -> Non
     ):
         assert shipped in names
     assert not [name for name in names if name.endswith((".c", ".so", ".html"))]
+
+
+def test_implementation_under_test_is_the_one_requested() -> None:
+    # `pytest --no-c-extensions` must really exercise the pure-Python twin,
+    # and a plain run the compiled core.
+    if pure_python():
+        assert greenback.__implementation__ == "pure-python"
+        assert greenback.await_ is greenback._purepy.await_
+    else:
+        assert greenback.__implementation__ == "compiled"
+        assert greenback.await_ is greenback._core.await_
+
+
+def test_pure_python_twin_is_plain_python() -> None:
+    import greenback._purepy
+
+    assert greenback._purepy.__file__ is not None
+    assert greenback._purepy.__file__.endswith(".py")
+    assert isinstance(greenback._purepy.await_, types.FunctionType)
+
+
+def test_sdist_installs_without_a_c_compiler_and_falls_back(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO_ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (sdist,) = tmp_path.glob("greenback-*.tar.gz")
+    site = tmp_path / "site"
+    environment = {k: v for k, v in os.environ.items() if k != "GREENBACK_NO_EXTENSIONS"}
+    environment["CC"] = "/bin/false"  # every compile fails, as with no compiler at all
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+         "--no-cache-dir", "--target", str(site), str(sdist)],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert not list(site.glob("greenback/_core*.so"))
+    run = subprocess.run(
+        [sys.executable, "-c",
+         "import warnings; warnings.simplefilter('always')\n"
+         "import greenback, asyncio\n"
+         "async def main():\n"
+         "    await greenback.ensure_portal()\n"
+         "    return greenback.await_(asyncio.sleep(0, 'works'))\n"
+         "print(greenback.__implementation__, asyncio.run(main()), greenback.__file__)"],
+        capture_output=True, text=True, timeout=60,
+        env={**environment, "PYTHONPATH": str(site)}, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    implementation, result, location = run.stdout.split()
+    assert (implementation, result) == ("pure-python", "works")
+    assert location.startswith(str(site))
+    assert run.stderr.count("compiled core could not be imported") == 1

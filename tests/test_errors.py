@@ -17,7 +17,7 @@ import trio
 
 import greenback
 
-from conftest import Lib
+from conftest import Lib, pure_python
 
 GREENBACK_DIR = os.path.dirname(os.path.abspath(greenback.__file__))
 
@@ -48,12 +48,24 @@ def tb_names(exc: BaseException) -> list[str]:
     return [frame.f_code.co_name.rsplit(".", 1)[-1] for frame in tb_frames(exc)]
 
 
+# The pure-Python twin's portal shows its own coroutine-protocol frames when
+# an exception leaves it (as upstream greenback does); the compiled core's
+# tracebacks show none of its internals.
+PURE_SHIM_FRAMES = {"send", "__next__", "throw", "_step"}
+
+
 def greenback_frames(exc: BaseException) -> list[str]:
-    return [
-        f"{frame.f_code.co_filename}:{frame.f_code.co_name}"
-        for frame in tb_frames(exc)
-        if from_greenback(frame)
-    ]
+    """The greenback frames in exc's traceback, minus the pure twin's shim."""
+    frames = []
+    for frame in tb_frames(exc):
+        if not from_greenback(frame):
+            continue
+        name = frame.f_code.co_name.rsplit(".", 1)[-1]
+        if pure_python() and name in PURE_SHIM_FRAMES:
+            assert frame.f_code.co_filename.endswith("_purepy.py")
+            continue
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+    return frames
 
 
 def public_frames_only(exc: BaseException, public_name: str) -> bool:
