@@ -11,8 +11,11 @@ STAMP := $(VENV)/.deps-installed
 SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi) setup.py pyproject.toml
 
 UPSTREAM_VENV ?= .venv-upstream
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
+# Every CPython 3.10-3.13 that pyenv has installed here.
+WHEEL_PYTHONS ?= $(sort $(wildcard $(PYENV_ROOT)/versions/3.1[0-3].*/bin/python))
 
-.PHONY: help venv build install demo test pytest typecheck bench clean
+.PHONY: help venv build install demo test pytest typecheck bench wheels wheels-smoke cibuildwheel-check clean
 
 help:
 	@echo "make demo      - set up .venv, build, run examples/quickstart.py"
@@ -20,6 +23,7 @@ help:
 	@echo "make typecheck - mypy --strict (package, tests, type tests) and stubtest"
 	@echo "make pytest    - only the pytest suite (PYTEST_ARGS=... to select)"
 	@echo "make bench     - benchmark against upstream greenback 1.3.0 (own venv)"
+	@echo "make wheels    - a manylinux wheel per CPython 3.10-3.13, each tested installed"
 	@echo "make build     - compile the extension in place (for development)"
 	@echo "make clean     - remove build products"
 
@@ -62,7 +66,7 @@ pytest: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider --no-c-extensions $(PYTEST_ARGS)
 
-test: typecheck pytest
+test: typecheck pytest cibuildwheel-check
 
 # Upstream greenback, the pure-Python original, in a venv of its own.
 $(UPSTREAM_VENV)/.installed: requirements/bench-upstream.txt
@@ -79,5 +83,24 @@ bench: install $(VENV)/.bench-deps $(UPSTREAM_VENV)/.installed
 	cd benchmarks && ../$(VPY) bench.py run --ours ../$(VPY) \
 		--upstream ../$(UPSTREAM_VENV)/bin/python $(BENCH_ARGS)
 
+# A wheel per CPython found, repaired to a manylinux tag, installed into a
+# fresh venv and tested there (full suite, compiled and pure).
+wheels:
+	scripts/wheels.sh $(WHEEL_PYTHONS)
+
+# The same, with a quick subset of the suite (CI runs this).
+wheels-smoke:
+	scripts/wheels.sh --smoke $(WHEEL_PYTHONS)
+
+# The cibuildwheel configuration in pyproject.toml parses and selects the
+# CPython 3.10-3.13 builds (the builds themselves need Docker and run in the
+# project's public CI workflow).
+cibuildwheel-check: $(STAMP)
+	$(VPY) -m cibuildwheel --platform linux --print-build-identifiers > .cibw-ids
+	cat .cibw-ids
+	grep -q '^cp310-manylinux_x86_64$$' .cibw-ids
+	grep -q '^cp313-manylinux_x86_64$$' .cibw-ids
+	! grep -qE '^(pp|cp3(8|9)-)' .cibw-ids
+
 clean:
-	rm -rf build dist .build.lock *.egg-info greenback/*.c greenback/*.so greenback/*.html
+	rm -rf build dist wheelhouse .build.lock .cibw-ids *.egg-info greenback/*.c greenback/*.so greenback/*.html

@@ -56,9 +56,15 @@ import_greenlet()
 
 cdef extern from *:
     """
+    #if defined(_MSC_VER)
+    #  define GB_THREAD_LOCAL __declspec(thread)
+    #else
+    #  define GB_THREAD_LOCAL __thread
+    #endif
+
     /* The portal whose step is running on this OS thread, or NULL.  Borrowed:
        the step that sets it holds a reference for as long as it is set. */
-    static __thread PyObject *gb_active_portal = NULL;
+    static GB_THREAD_LOCAL PyObject *gb_active_portal = NULL;
 
     /* The thread's current contextvars.Context (borrowed, may be NULL).  There
        is no public getter that does not copy it. */
@@ -323,7 +329,7 @@ DEF MAX_PARKED_WORKERS = 64
 cdef extern from *:
     """
     /* This thread's _WorkerPool (borrowed; a threading.local owns it). */
-    static __thread PyObject *gb_pool = NULL;
+    static GB_THREAD_LOCAL PyObject *gb_pool = NULL;
     """
     PyObject* gb_pool
 
