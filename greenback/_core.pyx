@@ -36,12 +36,14 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 from greenback._greenlet cimport (
     PyGreenlet,
     PyGreenlet_GetCurrent,
+    PyGreenlet_GetParent,
     PyGreenlet_New,
     PyGreenlet_Switch,
     import_greenlet,
 )
 
 import asyncio
+import gc
 import threading
 import warnings
 from functools import partial
@@ -65,6 +67,10 @@ cdef extern from *:
     /* The portal whose step is running on this OS thread, or NULL.  Borrowed:
        the step that sets it holds a reference for as long as it is set. */
     static GB_THREAD_LOCAL PyObject *gb_active_portal = NULL;
+
+    /* Whether this thread is running a garbage collection (and so possibly
+       a __del__ method or weakref callback).  Set from gc.callbacks. */
+    static GB_THREAD_LOCAL int gb_collecting = 0;
 
     /* The thread's current contextvars.Context (borrowed, may be NULL).  There
        is no public getter that does not copy it. */
@@ -256,6 +262,7 @@ cdef extern from *:
     }
     """
     PyObject* gb_active_portal
+    int gb_collecting
     PyObject* gb_current_context()
     PyObject* gb_fetch_exception()
     void gb_reraise(PyObject* exc)
@@ -429,7 +436,10 @@ def _serve_portals():
             # Resumed by something other than a step of our portal: greenlet
             # is killing us (GreenletExit), or someone switched here by hand.
             return None
-        (<Portal>p)._work()
+        if (<Portal>p)._work() < 0:
+            # Killed while in user code (GreenletExit from greenlet): let the
+            # exception end this worker, as greenlet expects.
+            gb_propagate()
         # Re-read: if greenlet killed this worker while it was suspended in
         # await_(), the step that resumed the work is gone and so may be `p`.
         p = gb_active_portal
@@ -652,9 +662,11 @@ cdef class Portal:
 
     # --- the unit of work, on the worker's side ----------------------------
 
-    cdef void _work(self) noexcept:
+    cdef int _work(self) noexcept:
         """Called in the worker: start the function, or send/throw into the
-        coroutine, then record what came out. Never raises."""
+        coroutine, then record what came out in the portal. Returns 0, or -1
+        with an exception set if the worker was killed meanwhile (then
+        `self` may be gone and is not touched)."""
         cdef PyObject* res = NULL
         cdef PySendResult status
         if self.send_exc is not None and self.coro is None:
@@ -677,16 +689,17 @@ cdef class Portal:
         if gb_active_portal != <PyObject*>self:
             if res != NULL:
                 Py_DECREF(<object>res)
-            return
+            return -1 if status == PYGEN_ERROR else 0
         if status == PYGEN_ERROR:
             self.out_kind = OUT_RAISE
             self.out_value = <object>gb_fetch_exception()
             Py_DECREF(self.out_value)
-            return
+            return 0
         self.out_kind = OUT_YIELD if status == PYGEN_NEXT else OUT_RETURN
         self.resume = None  # back in the serve loop: idle, nothing suspended
         self.out_value = <object>res
         Py_DECREF(<object>res)
+        return 0
 
     cdef PySendResult _send_into_coro(self, PyObject** res) noexcept:
         if self.coro is None and self._create_coro() < 0:
@@ -1072,17 +1085,19 @@ def await_(aw):
     cdef Portal portal
     if p == NULL:
         _raise_no_portal(aw)
+    if gb_collecting:
+        _refuse(aw, _IN_GC_ERROR)
+    me = _current_greenlet()
+    if me == NULL:
+        _close_if_possible(aw)
+        gb_propagate()
+    if me != <PyObject*>(<Portal>p).worker and not _descends_from(me, <PyObject*>(<Portal>p).worker):
+        _refuse(aw, _FOREIGN_GREENLET_ERROR)
     cdef PyObject* itp = gb_awaitable_iter(<PyObject*>aw)
     if itp == NULL:
         gb_propagate()
     it = <object>itp
     Py_DECREF(it)
-    me = _current_greenlet()
-    if me == NULL:
-        try:
-            gb_propagate()
-        finally:
-            _close_if_possible(it)
     value = None
     exc = None
     while True:
@@ -1130,6 +1145,58 @@ def await_(aw):
         exc = portal.send_exc
         portal.send_value = portal.send_exc = portal.awaiting = None
         portal = None
+
+
+cdef bint _descends_from(PyObject* g, PyObject* ancestor) noexcept:
+    """Whether greenlet `g` was started, directly or not, by `ancestor`:
+    the greenlets that sync code under a portal starts may await too."""
+    cdef PyGreenlet* parent
+    cdef PyObject* current = g
+    cdef bint found = False
+    Py_INCREF(<object>current)
+    while not found:
+        parent = PyGreenlet_GetParent(<PyGreenlet*>current)
+        Py_DECREF(<object>current)
+        if parent == NULL:
+            PyErr_Clear()
+            return False
+        current = <PyObject*>parent
+        found = current == ancestor
+    Py_DECREF(<object>current)
+    return True
+
+
+cdef int _refuse(object aw, str message) except -1:
+    _close_if_possible_coroutine(aw)
+    raise RuntimeError(message)
+
+
+cdef void _close_if_possible_coroutine(object aw):
+    if isinstance(aw, _Coroutine):
+        aw.close()
+
+
+_IN_GC_ERROR = (
+    "greenback.await_() was called while the garbage collector is running "
+    "finalizers (a __del__ method or a weakref callback). Suspending there "
+    "would stall garbage collection until the task resumes, so it is not "
+    "allowed: do the async work outside the finalizer, for example by "
+    "scheduling it with loop.call_soon() or a nursery."
+)
+_FOREIGN_GREENLET_ERROR = (
+    "greenback.await_() was called from a greenlet that the running task's "
+    "portal did not start, so the task could not resume it. Call await_() "
+    "from the task's own code, or from a greenlet that code starts."
+)
+
+
+def _gc_phase(phase, info):
+    """gc.callbacks hook: track whether this thread is collecting."""
+    global gb_collecting
+    gb_collecting = phase == "start"
+
+
+gc.callbacks.append(_gc_phase)
 
 
 cdef void _close_if_possible(object it):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
+import gc
 import inspect
 import sys
 import threading
@@ -38,11 +39,41 @@ MAX_PARKED_WORKERS = 64
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.active: Portal | None = None  # the portal whose step is running
+        self.collecting = False  # inside a garbage collection (see _gc_phase)
         # Idle workers, each with the context it holds.
         self.parked: list[tuple[greenlet.greenlet, contextvars.Context | None]] = []
 
 
 _state = _ThreadState()
+
+
+def _gc_phase(phase: str, info: dict[str, int]) -> None:
+    """gc.callbacks hook: track whether this thread is collecting."""
+    _state.collecting = phase == "start"
+
+
+gc.callbacks.append(_gc_phase)
+
+_IN_GC_ERROR = (
+    "greenback.await_() was called while the garbage collector is running "
+    "finalizers (a __del__ method or a weakref callback). Suspending there "
+    "would stall garbage collection until the task resumes, so it is not "
+    "allowed: do the async work outside the finalizer, for example by "
+    "scheduling it with loop.call_soon() or a nursery."
+)
+_FOREIGN_GREENLET_ERROR = (
+    "greenback.await_() was called from a greenlet that the running task's "
+    "portal did not start, so the task could not resume it. Call await_() "
+    "from the task's own code, or from a greenlet that code starts."
+)
+
+
+def _descends_from(g: greenlet.greenlet | None, ancestor: greenlet.greenlet | None) -> bool:
+    while g is not None:
+        if g is ancestor:
+            return True
+        g = g.parent
+    return False
 
 
 def _my_portal() -> Portal | None:
@@ -496,8 +527,17 @@ def await_(aw: Awaitable[Any]) -> Any:
         finally:
             if isinstance(aw, collections.abc.Coroutine):
                 aw.close()
-    it = _awaitable_iter(aw)
     me = greenlet.getcurrent()
+    refusal = None
+    if _state.collecting:
+        refusal = _IN_GC_ERROR
+    elif not _descends_from(me, portal._worker):
+        refusal = _FOREIGN_GREENLET_ERROR
+    if refusal is not None:
+        if isinstance(aw, collections.abc.Coroutine):
+            aw.close()
+        raise RuntimeError(refusal)
+    it = _awaitable_iter(aw)
     value: Any = None
     exc: BaseException | None = None
     while True:

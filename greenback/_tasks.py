@@ -109,11 +109,22 @@ def set_coro(
 
 
 def check_task(task: object) -> None:
-    """Reject what is not a live task of a supported library, naming the fix."""
+    """Reject what is not a live task of a supported library, or a task of
+    another event loop than the running one, naming the fix."""
     if isinstance(task, asyncio.Task):
         if task.done():
+            raise RuntimeError(f"cannot give a portal to {task!r}: it has already finished")
+        loop = task.get_loop()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop and loop.is_running():
             raise RuntimeError(
-                f"cannot give a portal to {task!r}: it has already finished"
+                f"cannot give a portal to {task!r} from here: its event loop is "
+                "running elsewhere (another thread, or this code runs on another "
+                "loop). Call bestow_portal() on the task's own loop, for example "
+                "with loop.call_soon_threadsafe(greenback.bestow_portal, task)."
             )
         return
     if _is_trio_task(task):
@@ -122,14 +133,29 @@ def check_task(task: object) -> None:
         if isinstance(task, trio.lowlevel.Task):
             coro: object = task.coro
             if inspect.iscoroutine(coro) and coro.cr_frame is None:
+                raise RuntimeError(f"cannot give a portal to {task!r}: it has already finished")
+            try:
+                here: trio.lowlevel.Task | None = trio.lowlevel.current_root_task()
+            except RuntimeError:
+                here = None
+            if here is not _trio_root(task):
                 raise RuntimeError(
-                    f"cannot give a portal to {task!r}: it has already finished"
+                    f"cannot give a portal to {task!r} from here: it belongs to "
+                    "another Trio run. Call bestow_portal() from within that run, "
+                    "for example with trio.from_thread.run_sync(greenback.bestow_portal, "
+                    "task, trio_token=...)."
                 )
             return
     raise TypeError(
         "greenback.bestow_portal() takes an asyncio.Task or a "
         f"trio.lowlevel.Task, not {type(task).__name__}"
     )
+
+
+def _trio_root(task: trio.lowlevel.Task) -> trio.lowlevel.Task:
+    while task.parent_nursery is not None:
+        task = task.parent_nursery.parent_task
+    return task
 
 
 def coro_has_started(coro: object) -> bool:
