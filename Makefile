@@ -15,7 +15,17 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
 # Every CPython 3.10-3.13 that pyenv has installed here.
 WHEEL_PYTHONS ?= $(sort $(wildcard $(PYENV_ROOT)/versions/3.1[0-3].*/bin/python))
 
-.PHONY: help venv build install demo test pytest typecheck bench wheels wheels-smoke cibuildwheel-check clean
+ASAN_VENV ?= .venv-asan
+CC ?= cc
+# greenlet switches stacks by copying them, which reads the redzones that ASan
+# puts around instrumented stack variables: keep heap checks, skip stack ones.
+ASAN_CFLAGS := -fsanitize=address --param asan-stack=0 -fno-omit-frame-pointer -g -O1
+# CPython is not built with ASan, so its runtime is preloaded, with libstdc++
+# for the C++ exceptions that greenlet throws internally.
+ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libstdc++.so.6)
+ASAN_LOG := $(CURDIR)/.asan-report
+
+.PHONY: help venv build install demo test pytest typecheck bench wheels wheels-smoke cibuildwheel-check test-debug test-asan test-soak clean
 
 help:
 	@echo "make demo      - set up .venv, build, run examples/quickstart.py"
@@ -24,6 +34,9 @@ help:
 	@echo "make pytest    - only the pytest suite (PYTEST_ARGS=... to select)"
 	@echo "make bench     - benchmark against upstream greenback 1.3.0 (own venv)"
 	@echo "make wheels    - a manylinux wheel per CPython 3.10-3.13, each tested installed"
+	@echo "make test-debug - the suite under python -X dev, PYTHONMALLOC=debug, -W error"
+	@echo "make test-asan  - the suite against an AddressSanitizer+LeakSanitizer build"
+	@echo "make test-soak  - the full-size soak test (minutes)"
 	@echo "make build     - compile the extension in place (for development)"
 	@echo "make clean     - remove build products"
 
@@ -83,6 +96,39 @@ bench: install $(VENV)/.bench-deps $(UPSTREAM_VENV)/.installed
 	cd benchmarks && ../$(VPY) bench.py run --ours ../$(VPY) \
 		--upstream ../$(UPSTREAM_VENV)/bin/python $(BENCH_ARGS)
 
+# Debug runtime: dev mode (asyncio debug, extra checks), the debug memory
+# allocator (guards, use-after-free patterns), every warning an error.
+test-debug: install
+	cd tests && PYTHONMALLOC=debug ../$(VPY) -X dev -W error -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	cd tests && PYTHONMALLOC=debug ../$(VPY) -X dev -W error -m pytest -p no:cacheprovider --no-c-extensions $(PYTEST_ARGS)
+
+# The compiled core built with AddressSanitizer (LeakSanitizer included), in a
+# venv of its own. PYTHONMALLOC=malloc lets ASan see every object allocation.
+# Reports go to $(ASAN_LOG).* (pytest captures stderr); any report fails.
+$(ASAN_VENV)/.installed: requirements/test.txt $(SOURCES)
+	[ -x $(ASAN_VENV)/bin/python ] || $(PYTHON) -m venv $(ASAN_VENV)
+	$(ASAN_VENV)/bin/python -m pip --disable-pip-version-check -q install -r requirements/test.txt
+	rm -rf $(ASAN_VENV)/dist
+	flock .build.lock sh -c 'rm -rf build && GREENBACK_CFLAGS="$(ASAN_CFLAGS)" \
+		GREENBACK_LDFLAGS="-fsanitize=address" \
+		$(ASAN_VENV)/bin/python -m pip wheel -q --no-build-isolation --no-deps -w $(ASAN_VENV)/dist .'
+	$(ASAN_VENV)/bin/python -m pip --disable-pip-version-check -q install \
+		--force-reinstall --no-deps $(ASAN_VENV)/dist/greenback-*.whl
+	touch $@
+
+test-asan: $(ASAN_VENV)/.installed
+	rm -f $(ASAN_LOG).*
+	cd tests && LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONMALLOC=malloc \
+		ASAN_OPTIONS=detect_leaks=1:log_path=$(ASAN_LOG) \
+		../$(ASAN_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@if ls $(ASAN_LOG).* >/dev/null 2>&1; then cat $(ASAN_LOG).*; echo "AddressSanitizer reported the above"; exit 1; fi
+	@echo "AddressSanitizer and LeakSanitizer: no reports"
+
+# The soak test at full size: 1,000,000 await_ calls and 200,000 one-shot
+# portals per loop, with memory, greenlet count and refcounts watched.
+test-soak: install
+	cd tests && GREENBACK_SOAK_SCALE=1.0 ../$(VPY) -m pytest -p no:cacheprovider test_soak.py $(PYTEST_ARGS)
+
 # A wheel per CPython found, repaired to a manylinux tag, installed into a
 # fresh venv and tested there (full suite, compiled and pure).
 wheels:
@@ -103,4 +149,4 @@ cibuildwheel-check: $(STAMP)
 	! grep -qE '^(pp|cp3(8|9)-)' .cibw-ids
 
 clean:
-	rm -rf build dist wheelhouse .build.lock .cibw-ids *.egg-info greenback/*.c greenback/*.so greenback/*.html
+	rm -rf build dist wheelhouse .build.lock .cibw-ids .asan-report.* *.egg-info greenback/*.c greenback/*.so greenback/*.html

@@ -43,6 +43,7 @@ from greenback._greenlet cimport (
 )
 
 import asyncio
+import atexit
 import gc
 import threading
 import warnings
@@ -353,6 +354,10 @@ cdef class _WorkerPool:
     cdef int count
 
     def __dealloc__(self):
+        self.release()
+
+    cdef void release(self) noexcept:
+        """Let every parked worker go: greenlet then ends each one."""
         while self.count > 0:
             self.count -= 1
             Py_XDECREF(self.workers[self.count])
@@ -370,6 +375,16 @@ cdef class _WorkerPool:
 
 cdef object _thread_state = threading.local()
 cdef object _GR_CONTEXT = "gr_context"
+
+
+def _release_parked_workers():
+    """At exit, end this thread's parked workers while greenlet still can:
+    after interpreter finalization starts, it would leak their frames."""
+    if gb_pool != NULL:
+        (<_WorkerPool>gb_pool).release()
+
+
+atexit.register(_release_parked_workers)
 
 
 def _new_worker():
@@ -542,7 +557,8 @@ cdef class Portal:
         self.running = False
         gb_active_portal = prev
         if r == NULL:
-            # The switch itself failed, e.g. stepped from another thread.
+            # The switch itself failed: stepped from another thread than the
+            # worker's (greenlet.error says so).
             self.send_value = self.send_exc = None
             return -1
         Py_DECREF(<object>r)
@@ -771,7 +787,13 @@ cdef class Portal:
             # that only this portal can unwind: throw GeneratorExit through
             # them. Otherwise the wrapped coroutine is suspended at a native
             # await and closes itself when it is released, as usual.
-            self.close()
+            try:
+                self.close()
+            except greenlet.error:
+                # The worker belongs to another thread (perhaps one that has
+                # ended): it can't be resumed from here. greenlet disposes of
+                # it with that thread; a finalizer has nobody to tell.
+                self.finished = True
 
     # --- introspection: look like the coroutine we wrap ---------------------
 

@@ -15,6 +15,7 @@ compiled core's tracebacks show none).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections.abc
 import contextvars
 import gc
@@ -45,6 +46,14 @@ class _ThreadState(threading.local):
 
 
 _state = _ThreadState()
+
+
+def _release_parked_workers() -> None:
+    """At exit, end this thread's parked workers while greenlet still can."""
+    _state.parked.clear()
+
+
+atexit.register(_release_parked_workers)
 
 
 def _gc_phase(phase: str, info: dict[str, int]) -> None:
@@ -395,7 +404,11 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
             self._finished = True
             return
         if self._resume is not None and not self._running:
-            self.close()
+            try:
+                self.close()
+            except greenlet.error:
+                # The worker belongs to another (perhaps ended) thread.
+                self._finished = True
 
     # --- introspection: look like the coroutine we wrap ---------------------
 
@@ -527,17 +540,21 @@ def await_(aw: Awaitable[Any]) -> Any:
         finally:
             if isinstance(aw, collections.abc.Coroutine):
                 aw.close()
-    me = greenlet.getcurrent()
     refusal = None
     if _state.collecting:
         refusal = _IN_GC_ERROR
-    elif not _descends_from(me, portal._worker):
+    elif not _descends_from(greenlet.getcurrent(), portal._worker):
         refusal = _FOREIGN_GREENLET_ERROR
     if refusal is not None:
         if isinstance(aw, collections.abc.Coroutine):
             aw.close()
         raise RuntimeError(refusal)
+    # This frame must hold neither the portal nor a greenlet whenever user
+    # code runs or an exception may leave it: a traceback keeps the frame
+    # alive, and a dropped task's portal must still be freed and finalized.
+    del portal
     it = _awaitable_iter(aw)
+    detached = False
     value: Any = None
     exc: BaseException | None = None
     while True:
@@ -561,24 +578,29 @@ def await_(aw: Awaitable[Any]) -> Any:
             return stop.value
         finally:
             value = exc = None
-        if portal is None:
+        if detached:
             it.close()
             raise RuntimeError("greenback.await_() lost its portal")
         # Hand the trap to the step that resumed us, and wait to be resumed.
+        portal = _state.active
+        assert portal is not None
         portal._out_value, portal._out_kind = out, OUT_YIELD
-        portal._resume, portal._awaiting = me, it
+        portal._resume, portal._awaiting = greenlet.getcurrent(), it
         outer = portal._outer
-        del portal, out  # hold no reference while suspended
+        del portal, out
         assert outer is not None
         try:
             outer.switch()
         except BaseException as thrown:  # GreenletExit when this greenlet dies
-            portal, exc = None, thrown
+            detached, exc = True, thrown
             continue
+        finally:
+            del outer
         portal = _state.active
         assert portal is not None
         value, exc = portal._send_value, portal._send_exc
         portal._send_value = portal._send_exc = portal._awaiting = None
+        del portal
 
 
 # --- ensure_portal -------------------------------------------------------------
