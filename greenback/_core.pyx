@@ -52,6 +52,12 @@ from functools import partial
 import greenlet
 import sniffio
 
+from greenback._errors import (
+    FOREIGN_GREENLET_ERROR as _FOREIGN_GREENLET_ERROR,
+    IN_GC_ERROR as _IN_GC_ERROR,
+    TASK_LAYOUT_ERROR as _TASK_LAYOUT_ERROR,
+    exception_from_throw_args as _exception_from_throw_args,
+)
 from greenback._worker import run_worker
 
 import_greenlet()
@@ -936,31 +942,6 @@ cdef PyObject* _portal_throw(PyObject* self, PyObject* args) noexcept:
     return _result_or_stop(<Portal>self, rc, True)
 
 
-def _exception_from_throw_args(typ, val=None, tb=None):
-    """Turn throw()'s (type[, value[, traceback]]) or (instance) into one
-    exception instance, as generators do."""
-    if isinstance(typ, BaseException):
-        if val is not None:
-            raise TypeError("instance exception may not have a separate value")
-        exc = typ
-    elif isinstance(typ, type) and issubclass(typ, BaseException):
-        if isinstance(val, typ):
-            exc = val
-        elif val is None:
-            exc = typ()
-        elif isinstance(val, tuple):
-            exc = typ(*val)
-        else:
-            exc = typ(val)
-    else:
-        raise TypeError(
-            "exceptions must be classes or instances deriving from "
-            f"BaseException, not {type(typ).__name__}")
-    if tb is not None:
-        exc = exc.with_traceback(tb)
-    return exc
-
-
 cdef PyMethodDef _portal_methods[3]
 _portal_methods[0].ml_name = "send"
 _portal_methods[0].ml_meth = <PyCFunction>_portal_send
@@ -1198,20 +1179,6 @@ cdef void _close_if_possible_coroutine(object aw):
         aw.close()
 
 
-_IN_GC_ERROR = (
-    "greenback.await_() was called while the garbage collector is running "
-    "finalizers (a __del__ method or a weakref callback). Suspending there "
-    "would stall garbage collection until the task resumes, so it is not "
-    "allowed: do the async work outside the finalizer, for example by "
-    "scheduling it with loop.call_soon() or a nursery."
-)
-_FOREIGN_GREENLET_ERROR = (
-    "greenback.await_() was called from a greenlet that the running task's "
-    "portal did not start, so the task could not resume it. Call await_() "
-    "from the task's own code, or from a greenlet that code starts."
-)
-
-
 def _gc_phase(phase, info):
     """gc.callbacks hook: track whether this thread is collecting."""
     global gb_collecting
@@ -1267,22 +1234,14 @@ def set_c_task_coro(task, old_coro, new_coro):
         for off in range(sizeof(PyObject), size - sizeof(PyObject*) + 1, sizeof(PyObject*)):
             if (<PyObject**>(base + off))[0] == <PyObject*>old_coro:
                 if found >= 0:
-                    raise RuntimeError(_LAYOUT_ERROR)
+                    raise RuntimeError(_TASK_LAYOUT_ERROR)
                 found = off
         if found < 0:
-            raise RuntimeError(_LAYOUT_ERROR)
+            raise RuntimeError(_TASK_LAYOUT_ERROR)
         _c_task_coro_offset = found
     slot = <PyObject**>(base + _c_task_coro_offset)
     if slot[0] != <PyObject*>old_coro:
-        raise RuntimeError(_LAYOUT_ERROR)
+        raise RuntimeError(_TASK_LAYOUT_ERROR)
     Py_INCREF(new_coro)
     slot[0] = <PyObject*>new_coro
     Py_DECREF(old_coro)
-
-
-_LAYOUT_ERROR = (
-    "greenback could not find where this asyncio.Task stores its coroutine, "
-    "so it cannot give the task a portal. Use a task created by "
-    "asyncio.create_task() or loop.create_task(), or run the code with "
-    "'await greenback.with_portal_run(...)' instead."
-)

@@ -30,6 +30,12 @@ from typing import Any, Awaitable, Callable, Coroutine, Generator
 import greenlet
 import sniffio
 
+from ._errors import (
+    FOREIGN_GREENLET_ERROR,
+    IN_GC_ERROR,
+    TASK_LAYOUT_ERROR,
+    exception_from_throw_args,
+)
 from ._worker import run_worker
 
 MODE_TASK, MODE_RUN, MODE_SYNC = 0, 1, 2
@@ -62,20 +68,6 @@ def _gc_phase(phase: str, info: dict[str, int]) -> None:
 
 
 gc.callbacks.append(_gc_phase)
-
-_IN_GC_ERROR = (
-    "greenback.await_() was called while the garbage collector is running "
-    "finalizers (a __del__ method or a weakref callback). Suspending there "
-    "would stall garbage collection until the task resumes, so it is not "
-    "allowed: do the async work outside the finalizer, for example by "
-    "scheduling it with loop.call_soon() or a nursery."
-)
-_FOREIGN_GREENLET_ERROR = (
-    "greenback.await_() was called from a greenlet that the running task's "
-    "portal did not start, so the task could not resume it. Call await_() "
-    "from the task's own code, or from a greenlet that code starts."
-)
-
 
 def _descends_from(g: greenlet.greenlet | None, ancestor: greenlet.greenlet | None) -> bool:
     while g is not None:
@@ -365,7 +357,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         return out
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        done, out = self._step(None, _exception_from_throw_args(typ, val, tb))
+        done, out = self._step(None, exception_from_throw_args(typ, val, tb))
         if done:
             raise StopIteration(out)
         return out
@@ -488,28 +480,6 @@ def _greenlet_usable() -> bool:
     return True
 
 
-def _exception_from_throw_args(typ: Any, val: Any = None, tb: Any = None) -> BaseException:
-    if isinstance(typ, BaseException):
-        if val is not None:
-            raise TypeError("instance exception may not have a separate value")
-        exc = typ
-    elif isinstance(typ, type) and issubclass(typ, BaseException):
-        if isinstance(val, typ):
-            exc = val
-        elif val is None:
-            exc = typ()
-        elif isinstance(val, tuple):
-            exc = typ(*val)
-        else:
-            exc = typ(val)
-    else:
-        raise TypeError(
-            "exceptions must be classes or instances deriving from "
-            f"BaseException, not {type(typ).__name__}"
-        )
-    return exc.with_traceback(tb) if tb is not None else exc
-
-
 # --- the public entry points ---------------------------------------------------
 
 
@@ -542,9 +512,9 @@ def await_(aw: Awaitable[Any]) -> Any:
                 aw.close()
     refusal = None
     if _state.collecting:
-        refusal = _IN_GC_ERROR
+        refusal = IN_GC_ERROR
     elif not _descends_from(greenlet.getcurrent(), portal._worker):
-        refusal = _FOREIGN_GREENLET_ERROR
+        refusal = FOREIGN_GREENLET_ERROR
     if refusal is not None:
         if isinstance(aw, collections.abc.Coroutine):
             aw.close()
@@ -656,14 +626,6 @@ def _install_in_asyncio_task(task: asyncio.Task[Any]) -> None:
 
 _c_task_coro_offset: int | None = None
 
-_LAYOUT_ERROR = (
-    "greenback could not find where this asyncio.Task stores its coroutine, "
-    "so it cannot give the task a portal. Use a task created by "
-    "asyncio.create_task() or loop.create_task(), or run the code with "
-    "'await greenback.with_portal_run(...)' instead."
-)
-
-
 def set_c_task_coro(task: object, old_coro: object, new_coro: object) -> None:
     """Replace the coroutine of an asyncio C Task. Pure Python can only do
     this with ctypes: find the field once, check it before every write."""
@@ -675,17 +637,17 @@ def set_c_task_coro(task: object, old_coro: object, new_coro: object) -> None:
         try:
             from _asyncio import Task as CTask
         except ImportError:
-            raise RuntimeError(_LAYOUT_ERROR) from None
+            raise RuntimeError(TASK_LAYOUT_ERROR) from None
         if not isinstance(task, CTask):
             raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
         words = (ctypes.c_void_p * (CTask.__basicsize__ // word)).from_address(id(task))
         found = [i * word for i in range(2, len(words)) if words[i] == id(old_coro)]
         if len(found) != 1:
-            raise RuntimeError(_LAYOUT_ERROR)
+            raise RuntimeError(TASK_LAYOUT_ERROR)
         _c_task_coro_offset = found[0]
     slot = ctypes.c_void_p.from_address(id(task) + _c_task_coro_offset)
     if slot.value != id(old_coro):
-        raise RuntimeError(_LAYOUT_ERROR)
+        raise RuntimeError(TASK_LAYOUT_ERROR)
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(new_coro))
     slot.value = id(new_coro)
     ctypes.pythonapi.Py_DecRef(ctypes.py_object(old_coro))
