@@ -1092,7 +1092,7 @@ def await_(aw):
         _refuse(aw, _IN_GC_ERROR)
     me = _current_greenlet()
     if me == NULL:
-        _close_if_possible(aw)
+        _close_unawaited(aw)
         gb_propagate()
     if me != <PyObject*>(<Portal>p).worker and not _descends_from(me, <PyObject*>(<Portal>p).worker):
         _refuse(aw, _FOREIGN_GREENLET_ERROR)
@@ -1170,11 +1170,13 @@ cdef bint _descends_from(PyObject* g, PyObject* ancestor) noexcept:
 
 
 cdef int _refuse(object aw, str message) except -1:
-    _close_if_possible_coroutine(aw)
+    _close_unawaited(aw)
     raise RuntimeError(message)
 
 
-cdef void _close_if_possible_coroutine(object aw):
+cdef void _close_unawaited(object aw):
+    # Close a coroutine we were given but won't run, so that Python does not
+    # warn that it was never awaited.
     if isinstance(aw, _Coroutine):
         aw.close()
 
@@ -1188,21 +1190,12 @@ def _gc_phase(phase, info):
 gc.callbacks.append(_gc_phase)
 
 
-cdef void _close_if_possible(object it):
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
 cdef int _raise_no_portal(object aw) except -1:
-    # Close a coroutine we were given but won't run, so that Python does not
-    # warn that it was never awaited.
     try:
         from greenback._tasks import explain_missing_portal
         raise explain_missing_portal()
     finally:
-        if isinstance(aw, _Coroutine):
-            aw.close()
+        _close_unawaited(aw)
 
 
 from collections.abc import Coroutine as _Coroutine

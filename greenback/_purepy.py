@@ -109,8 +109,9 @@ def _run_unit() -> None:
     assert portal is not None
     exc, portal._send_exc = portal._send_exc, None
     value, portal._send_value = portal._send_value, None
+    mode = portal._mode
     fn = args = kwargs = coro = None
-    if portal._mode == MODE_SYNC and portal._fn is not None:
+    if mode == MODE_SYNC and portal._fn is not None:
         fn, args, kwargs = portal._fn, portal._args, portal._kwargs
         portal._fn = portal._args = portal._kwargs = None
     elif portal._coro is not None or exc is not None:
@@ -128,7 +129,7 @@ def _run_unit() -> None:
             raise RuntimeError("this greenback portal has nothing to run")
         else:
             result = fn(*args, **(kwargs or {}))  # type: ignore[misc]
-            if _my_portal_mode() == MODE_SYNC:
+            if mode == MODE_SYNC:
                 done, out = True, result
             else:  # MODE_RUN: what fn returned is what we await
                 coro = _awaitable_iter(result)
@@ -152,11 +153,6 @@ def _run_unit() -> None:
     if not done:
         portal._resume = None  # back in the serve loop: idle
     portal._out_value = out
-
-
-def _my_portal_mode() -> int:
-    portal = _my_portal()
-    return MODE_SYNC if portal is None else portal._mode
 
 
 _worker_entry = partial(run_worker, _serve_portals)

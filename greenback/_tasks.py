@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import sys
 import types
 from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Generator, TypeAlias
 
 import sniffio
 
 from ._select import impl
+
 
 def _c_task_types() -> tuple[type, ...]:
     try:
