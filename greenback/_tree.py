@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import sys
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, ContextManager, Iterator
 
 from . import _tasks
 from ._select import impl
@@ -47,10 +47,12 @@ def portals_for_children() -> Iterator[None]:
     task. On asyncio these are the tasks created inside the block, by
     ``create_task``, ``TaskGroup``, ``gather`` or anyio task groups.
     """
-    library = _tasks.current_library()
-    scope = _trio_children_scope() if library == "trio" else _asyncio_children_scope()
-    with scope:
+    with _children_scope(_tasks.current_library()):
         yield
+
+
+def _children_scope(library: str) -> ContextManager[None]:
+    return _trio_children_scope() if library == "trio" else _asyncio_children_scope()
 
 
 @asynccontextmanager
@@ -64,7 +66,7 @@ async def portals_for_tree() -> AsyncIterator[None]:
     had one before.
     """
     library = _tasks.current_library()
-    with portals_for_children():
+    with _children_scope(library):
         task = _tasks.current_task_of(library)
         coro = _tasks.get_coro(task)
         portal: impl.Portal | None = None
