@@ -8,9 +8,10 @@ from typing import Any
 
 from ._version import __version__ as __version__
 from ._select import IMPLEMENTATION as __implementation__
-from ._select import impl as _impl
 from ._portal import (
+    await_ as await_,
     bestow_portal as bestow_portal,
+    ensure_portal as ensure_portal,
     has_portal as has_portal,
     with_portal_run as with_portal_run,
     with_portal_run_sync as with_portal_run_sync,
@@ -27,8 +28,6 @@ from ._util import (
     decorate_as_sync as decorate_as_sync,
 )
 
-await_ = _impl.await_
-ensure_portal = _impl.ensure_portal
 
 __all__ = [
     "AutoPortalInstrument",

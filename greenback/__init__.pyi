@@ -6,9 +6,10 @@
 
 from typing import Literal
 
-from ._core import await_ as await_, ensure_portal as ensure_portal
 from ._portal import (
+    await_ as await_,
     bestow_portal as bestow_portal,
+    ensure_portal as ensure_portal,
     has_portal as has_portal,
     with_portal_run as with_portal_run,
     with_portal_run_sync as with_portal_run_sync,

@@ -26,8 +26,11 @@ Three kinds of portal share one class:
 * ``MODE_SYNC``: awaited by ``with_portal_run_sync(fn, ...)``; calls ``fn``
   inside a worker.
 
-(``with_portal_run*`` themselves are ``async def`` functions in the facade;
-they only create a one-shot portal when the task has no portal yet.)
+(``with_portal_run*`` and ``ensure_portal`` are ``async def`` functions in
+the facade, greenback._portal: the first two create a one-shot portal only
+when the task has none yet, and the last calls :func:`portalize_running_task`
+before its checkpoint. ``greenback.await_`` is a one-line Python function
+there around the C function :func:`await_` below.)
 """
 
 cimport cython
@@ -47,6 +50,7 @@ import atexit
 import gc
 import threading
 import warnings
+from collections.abc import Coroutine as _Coroutine
 from functools import partial
 
 import greenlet
@@ -58,6 +62,7 @@ from greenback._errors import (
     TASK_LAYOUT_ERROR as _TASK_LAYOUT_ERROR,
     exception_from_throw_args as _exception_from_throw_args,
 )
+from greenback import _tasks
 from greenback._worker import run_worker
 
 import_greenlet()
@@ -283,6 +288,7 @@ cdef extern from *:
     PySendResult PyIter_Send(PyObject* it, PyObject* arg, PyObject** result)
     PySendResult gb_throw(PyObject* it, PyObject* exc, PyObject** result)
     PyObject* gb_awaitable_iter(PyObject* aw)
+    int gb_close_iter(PyObject* it)
 
     ctypedef PyObject* (*iternextfunc)(PyObject*)
     ctypedef PySendResult (*sendfunc)(PyObject*, PyObject*, PyObject**)
@@ -296,6 +302,7 @@ cdef extern from *:
     ctypedef struct PyTypeObject
     int gb_install_coroutine_slots(PyTypeObject* tp, iternextfunc next,
                                    sendfunc am_send, PyMethodDef* methods) except -1
+    object PyCFunction_NewEx(PyMethodDef* ml, PyObject* self, PyObject* module)
 
     # Raw C-API calls: NULL / -1 results are checked by hand, so that no
     # traceback entry of greenback's is added to the wrapped code's errors.
@@ -506,6 +513,10 @@ cdef class Portal:
     cdef object resume    # greenlet to switch into for the next step
     cdef object outer     # greenlet running the current step
     cdef object last_ctx  # context last propagated into the worker
+    # The context the current step started in: the context of the task it
+    # runs for (see _usable_portal). Borrowed, and read only during the step,
+    # while the event loop holds it as its current context.
+    cdef PyObject* step_ctx
     cdef object awaiting  # what a suspended await_() waits on (for cr_await)
     cdef object send_value
     cdef object send_exc
@@ -556,6 +567,7 @@ cdef class Portal:
         self.send_value = value
         self.send_exc = exc
         self.out_kind = OUT_NONE
+        self.step_ctx = ctx
         prev = gb_active_portal
         gb_active_portal = <PyObject*>self
         self.running = True
@@ -870,6 +882,13 @@ cdef class Portal:
     # --- queries used by the Python facade -----------------------------------
 
     @property
+    def await_greenlet(self):
+        """The greenlet in which an await_() is suspended on this portal's
+        behalf, or None. Its frames are the sync code between the wrapped
+        coroutine and the await_() (for stack introspection tools)."""
+        return self.resume if self.awaiting is not None else None
+
+    @property
     def provides_portal(self):
         """True while this object gives its task a portal."""
         return not self.finished and (self.started or self.mode == MODE_TASK)
@@ -997,34 +1016,12 @@ except ImportError:  # only CPython has the C Task
     pass
 
 
-async def ensure_portal():
-    """Ensure that the current async task is able to use :func:`greenback.await_`.
-
-    The first call in a task puts a portal between the event loop and the
-    task's coroutine, so that every later step of the task runs where
-    :func:`await_` can reach the event loop. Calling it again is a no-op.
-    Either way it is a checkpoint (a schedule point and a cancellation point),
-    after which the portal is ready.
-    """
-    if gb_active_portal != NULL:
-        library = _tasks().current_library()
-    else:
-        library = _install_portal_in_running_task()
-    # The portal takes over at the task's next step, so yield once: after
-    # this, await_() works even with no further checkpoint.
-    await _tasks().checkpoint(library)
-
-
-cdef object _tasks_module = None
-
-
-cdef object _tasks():
-    # greenback._tasks imports this module, so import it on first use.
-    global _tasks_module
-    if _tasks_module is None:
-        from greenback import _tasks
-        _tasks_module = _tasks
-    return _tasks_module
+def portalize_running_task():
+    """ensure_portal()'s work before its checkpoint: give the running task a
+    portal unless it has one, and return the name of its async library."""
+    if _usable_portal() != NULL:
+        return _tasks.current_library()
+    return _install_portal_in_running_task()
 
 
 cdef str _install_portal_in_running_task():
@@ -1041,9 +1038,8 @@ cdef str _install_portal_in_running_task():
         if task is not None:
             _install_in_asyncio_task(task)
             return "asyncio"
-    tasks = _tasks()
-    library = tasks.current_library()  # raises outside async code, or if unsupported
-    task = tasks.current_task_of(library)
+    library = _tasks.current_library()  # raises outside async code, or if unsupported
+    task = _tasks.current_task_of(library)
     if library == "asyncio":
         _install_in_asyncio_task(task)
         return library
@@ -1065,40 +1061,75 @@ cdef void _install_in_asyncio_task(object task) except *:
         task._coro = portal  # the pure-Python Task lets us assign it
 
 
-def in_active_portal():
-    """True if the code calling this runs inside a portal's step, that is,
-    :func:`await_` would work here."""
-    return gb_active_portal != NULL
+# ---------------------------------------------------------------------------
+# Which portal serves the code that is running
+#
+# The active portal is per thread, but sync code in a portal's step may run
+# an event loop of its own (nest_asyncio's run_until_complete(), trio.run()),
+# whose tasks then run inside that step. Each task runs its steps in its own
+# contextvars.Context, so the portal remembers the context its step started
+# in: code running in that context belongs to the portal's task. Only when
+# the contexts differ (a nested loop's task, or the task's own code inside
+# Context.run() or a greenlet it started) is the running task looked up.
+# ---------------------------------------------------------------------------
 
-
-def await_(aw):
-    """Run an awaitable from synchronous code and return its result.
-
-    ``greenback.await_(foo())`` does what ``await foo()`` does, but from a
-    plain ``def`` function, at any depth below a task that has a portal
-    (see :func:`ensure_portal` and :func:`with_portal_run_sync`). Exceptions,
-    cancellation included, come out of ``await_`` like they would out of
-    ``await``.
-    """
+cdef inline PyObject* _usable_portal() noexcept:
+    """The portal that await_() would use here, or NULL. Borrowed."""
     cdef PyObject* p = gb_active_portal
+    if p == NULL or (<Portal>p).step_ctx == gb_current_context():
+        return p
+    return _usable_portal_slow(p)
+
+
+cdef PyObject* _usable_portal_slow(PyObject* p) noexcept:
+    step_ctx = <object>(<Portal>p).step_ctx
+    try:
+        task_ctx = _tasks.current_task_context()
+    except LookupError:
+        # The task's context can't be told (an unknown asyncio C Task
+        # layout): trust the per-thread portal, as before nested loops.
+        return p
+    except BaseException:
+        return NULL
+    return p if task_ctx is step_ctx else NULL
+
+
+def in_active_portal():
+    """True if :func:`await_` would work here: a portal's step is running
+    on behalf of the current task."""
+    return _usable_portal() != NULL
+
+
+# ---------------------------------------------------------------------------
+# await_
+#
+# A C function, not a Cython def: Cython would add a traceback entry named
+# "greenback._core.await_" to every exception that leaves it, including the
+# awaited code's own. The facade (greenback._portal.await_) is a one-line
+# Python function around it, so tracebacks and stack tools see exactly one
+# frame per call, named "await_", as with upstream greenback.
+# ---------------------------------------------------------------------------
+
+cdef PyObject* _await(PyObject* module, PyObject* aw) noexcept:
+    cdef PyObject* p = _usable_portal()
     cdef PyObject* me
+    cdef PyObject* itp
     cdef PyObject* res = NULL
     cdef PyObject* r
     cdef PySendResult status
     cdef Portal portal
     if p == NULL:
-        _raise_no_portal(aw)
+        return _raise(_no_portal_error(<object>aw))
     if gb_collecting:
-        _refuse(aw, _IN_GC_ERROR)
+        return _raise(_refusal(<object>aw, _IN_GC_ERROR))
     me = _current_greenlet()
     if me == NULL:
-        _close_unawaited(aw)
-        gb_propagate()
+        return _raise(_refusal(<object>aw, None))
     if me != <PyObject*>(<Portal>p).worker and not _descends_from(me, <PyObject*>(<Portal>p).worker):
-        _refuse(aw, _FOREIGN_GREENLET_ERROR)
-    cdef PyObject* itp = gb_awaitable_iter(<PyObject*>aw)
+        return _raise(_refusal(<object>aw, _FOREIGN_GREENLET_ERROR))
+    itp = gb_awaitable_iter(aw)
     if itp == NULL:
-        gb_propagate()
+        return NULL
     it = <object>itp
     Py_DECREF(it)
     value = None
@@ -1111,17 +1142,16 @@ def await_(aw):
             exc = None
         value = None
         if status == PYGEN_RETURN:
-            result = <object>res
-            Py_DECREF(result)
-            return result
+            return res
         if status == PYGEN_ERROR:
-            gb_propagate()
+            return NULL
         if p == NULL:
             # Detached by a kill (see below) and the coroutine wants to
             # suspend again: there is no event loop to give it to.
             Py_DECREF(<object>res)
-            it.close()
-            raise RuntimeError("greenback.await_() lost its portal")
+            if gb_close_iter(itp) == 0:
+                PyErr_SetString(PyExc_RuntimeError, "greenback.await_() lost its portal")
+            return NULL
         # Hand the trap to the step that resumed us, and wait to be resumed.
         portal = <Portal>p
         portal.out_value = <object>res
@@ -1150,6 +1180,25 @@ def await_(aw):
         portal = None
 
 
+cdef PyMethodDef _await_def
+_await_def.ml_name = "await_"
+_await_def.ml_meth = <PyCFunction>_await
+_await_def.ml_flags = METH_O
+_await_def.ml_doc = (
+    "await_(aw, /)\n--\n\n"
+    "The switch behind greenback.await_(): drive the awaitable *aw* from "
+    "synchronous code inside a portal's step, suspending the step whenever "
+    "*aw* yields to the event loop.")
+await_ = PyCFunction_NewEx(&_await_def, NULL, <PyObject*>__name__)
+
+
+cdef PyObject* _raise(object exc) noexcept:
+    # Raise `exc` from the C function above, whose caller adds the traceback
+    # entry.
+    gb_reraise(<PyObject*>exc)
+    return NULL
+
+
 cdef bint _descends_from(PyObject* g, PyObject* ancestor) noexcept:
     """Whether greenlet `g` was started, directly or not, by `ancestor`:
     the greenlets that sync code under a portal starts may await too."""
@@ -1169,16 +1218,40 @@ cdef bint _descends_from(PyObject* g, PyObject* ancestor) noexcept:
     return True
 
 
-cdef int _refuse(object aw, str message) except -1:
-    _close_unawaited(aw)
-    raise RuntimeError(message)
+# These build the exception await_() raises instead of running `aw`, and close
+# `aw` if it is a coroutine, so that Python does not warn that it was never
+# awaited. They never raise: an error on the way is the exception to raise.
+
+cdef object _no_portal_error(object aw):
+    try:
+        try:
+            exc = _tasks.no_portal_error_here(Portal)
+        finally:
+            _close_unawaited(aw)
+    except BaseException as error:  # outside async code, an unsupported library
+        return error
+    return exc
 
 
-cdef void _close_unawaited(object aw):
-    # Close a coroutine we were given but won't run, so that Python does not
-    # warn that it was never awaited.
+cdef object _refusal(object aw, str message):
+    # message None: greenlet has already set the exception (interpreter exit)
+    cdef object exc
+    if message is None:
+        exc = <object>gb_fetch_exception()
+        Py_DECREF(exc)
+    else:
+        exc = RuntimeError(message)
+    try:
+        _close_unawaited(aw)
+    except BaseException as error:
+        return error
+    return exc
+
+
+cdef int _close_unawaited(object aw) except -1:
     if isinstance(aw, _Coroutine):
         aw.close()
+    return 0
 
 
 def _gc_phase(phase, info):
@@ -1190,15 +1263,6 @@ def _gc_phase(phase, info):
 gc.callbacks.append(_gc_phase)
 
 
-cdef int _raise_no_portal(object aw) except -1:
-    try:
-        from greenback._tasks import explain_missing_portal
-        raise explain_missing_portal()
-    finally:
-        _close_unawaited(aw)
-
-
-from collections.abc import Coroutine as _Coroutine
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,27 @@ TASK_LAYOUT_ERROR = (
 )
 
 
+def no_portal_error(library: str, bestowed_this_step: bool) -> RuntimeError:
+    """The error for an await_() in a task that has no working portal.
+
+    Each message starts with greenback 1.3.0's key phrase, unchanged, since
+    programs and tests match on it; the rest says what to do."""
+    if bestowed_this_step:
+        return RuntimeError(
+            "You must yield to the event loop before this task can use the "
+            "portal that greenback.bestow_portal() gave it during its current "
+            f"step: run 'await {library}.sleep(0)' first, or use 'await "
+            "greenback.ensure_portal()', which gives a portal and yields in one go."
+        )
+    return RuntimeError(
+        "You must create a greenback portal for this task before it calls "
+        "greenback.await_(): run 'await greenback.ensure_portal()' once in the "
+        "task, or call the sync code through 'await "
+        "greenback.with_portal_run_sync(fn, *args)' (or 'await "
+        "greenback.with_portal_run(async_fn, *args)')."
+    )
+
+
 def exception_from_throw_args(typ: Any, val: Any = None, tb: Any = None) -> BaseException:
     """Turn throw()'s (type[, value[, traceback]]) or (instance) into one
     exception instance, as generators do."""

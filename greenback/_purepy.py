@@ -25,11 +25,12 @@ import threading
 import warnings
 from functools import partial
 from types import CodeType, FrameType
-from typing import Any, Awaitable, Callable, Coroutine, Generator
+from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar, cast
 
 import greenlet
 import sniffio
 
+from . import _tasks
 from ._errors import (
     FOREIGN_GREENLET_ERROR,
     IN_GC_ERROR,
@@ -37,6 +38,8 @@ from ._errors import (
     exception_from_throw_args,
 )
 from ._worker import run_worker
+
+T = TypeVar("T")
 
 MODE_TASK, MODE_RUN, MODE_SYNC = 0, 1, 2
 OUT_NONE, OUT_YIELD, OUT_RETURN, OUT_RAISE = 0, 1, 2, 3
@@ -224,6 +227,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
     _resume: greenlet.greenlet | None
     _outer: greenlet.greenlet | None
     _last_ctx: contextvars.Context | None
+    _step_ctx: contextvars.Context | None  # during a step: its task's context
     _awaiting: Any
     _send_value: Any
     _send_exc: BaseException | None
@@ -243,7 +247,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         self._started, self._finished, self._running = started, False, False
         self._worker = self._resume = self._outer = None
         self._last_ctx = self._awaiting = self._send_value = self._out_value = None
-        self._send_exc = None
+        self._send_exc = self._step_ctx = None
         self._out_kind = OUT_NONE
         return self
 
@@ -265,6 +269,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         elif ctx is not self._last_ctx:
             self._follow_context(ctx)
         self._send_value, self._send_exc, self._out_kind = value, exc, OUT_NONE
+        self._step_ctx = ctx
         previous, _state.active = _state.active, self
         self._running = True
         resume = self._resume
@@ -272,6 +277,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         try:
             resume.switch()
         finally:
+            self._step_ctx = None
             self._running = False
             _state.active = previous
         if self._out_kind == OUT_YIELD:
@@ -456,6 +462,10 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         return f"<greenback portal {self._name(True)} around {target!r}>"
 
     @property
+    def await_greenlet(self) -> greenlet.greenlet | None:
+        return self._resume if self._awaiting is not None else None
+
+    @property
     def provides_portal(self) -> bool:
         return not self._finished and (self._started or self._mode == MODE_TASK)
 
@@ -491,26 +501,42 @@ def make_task_portal(coro: Coroutine[Any, Any, Any], started: bool) -> Portal:
     return Portal._new(MODE_TASK, coro, None, None, None, started)
 
 
-def in_active_portal() -> bool:
-    return _state.active is not None
-
-
-def await_(aw: Awaitable[Any]) -> Any:
-    """Run an awaitable from synchronous code and return its result."""
+def _usable_portal(current: greenlet.greenlet) -> Portal | None:
+    """The portal that await_() would use in greenlet *current*: the active
+    one, if its step runs for the current task (see _core._usable_portal)."""
     portal = _state.active
+    if portal is None or current.gr_context is portal._step_ctx:
+        return portal
+    try:
+        task_ctx = _tasks.current_task_context()
+    except LookupError:  # an unknown asyncio C Task layout
+        return portal
+    except Exception:
+        return None
+    return portal if task_ctx is portal._step_ctx else None
+
+
+def in_active_portal() -> bool:
+    return _usable_portal(greenlet.getcurrent()) is not None
+
+
+def await_(aw: Awaitable[T]) -> T:
+    """Run an awaitable from synchronous code and return its result."""
+    current = greenlet.getcurrent()
+    portal = _usable_portal(current)
     if portal is None:
         try:
-            from ._tasks import explain_missing_portal
-
-            raise explain_missing_portal()
+            raise _tasks.no_portal_error_here(Portal)
         finally:
+            del current
             if isinstance(aw, collections.abc.Coroutine):
                 aw.close()
     refusal = None
     if _state.collecting:
         refusal = IN_GC_ERROR
-    elif not _descends_from(greenlet.getcurrent(), portal._worker):
+    elif not _descends_from(current, portal._worker):
         refusal = FOREIGN_GREENLET_ERROR
+    del current
     if refusal is not None:
         if isinstance(aw, collections.abc.Coroutine):
             aw.close()
@@ -541,7 +567,8 @@ def await_(aw: Awaitable[Any]) -> Any:
             else:
                 raise exc
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value
+            return result
         finally:
             value = exc = None
         if detached:
@@ -572,20 +599,14 @@ def await_(aw: Awaitable[Any]) -> Any:
 # --- ensure_portal -------------------------------------------------------------
 
 
-async def ensure_portal() -> None:
-    """Ensure that the current async task is able to use await_()."""
-    from . import _tasks
-
-    if _state.active is not None:
-        library = _tasks.current_library()
-    else:
-        library = _install_portal_in_running_task()
-    await _tasks.checkpoint(library)
+def portalize_running_task() -> str:
+    """ensure_portal()'s work before its checkpoint (see _core)."""
+    if _usable_portal(greenlet.getcurrent()) is not None:
+        return _tasks.current_library()
+    return _install_portal_in_running_task()
 
 
 def _install_portal_in_running_task() -> str:
-    from . import _tasks
-
     name = sniffio.thread_local.name
     if name is None:
         name = sniffio.current_async_library_cvar.get()
@@ -599,23 +620,26 @@ def _install_portal_in_running_task() -> str:
             return "asyncio"
     library = _tasks.current_library()
     any_task = _tasks.current_task_of(library)
-    if isinstance(any_task, asyncio.Task):
-        _install_in_asyncio_task(any_task)
+    if not _tasks.is_trio_task(any_task):
+        _install_in_asyncio_task(cast("asyncio.Task[Any]", any_task))
         return library
-    coro = any_task.coro
-    current: object = coro
-    if not (isinstance(current, Portal) and current.provides_portal):
-        any_task.coro = make_task_portal(coro, True)  # type: ignore[assignment]
+    trio_task: Any = any_task
+    coro = trio_task.coro
+    if not (isinstance(coro, Portal) and coro.provides_portal):
+        # The task is running, so no send is pending for the old coroutine.
+        trio_task.coro = make_task_portal(coro, True)
     return library
 
 
 def _install_in_asyncio_task(task: asyncio.Task[Any]) -> None:
-    from . import _tasks
-
     coro = task.get_coro()
     if isinstance(coro, Portal) and coro.provides_portal:
         return
-    _tasks.set_coro(task, coro, make_task_portal(coro, True))  # type: ignore[arg-type]
+    portal = make_task_portal(coro, True)  # type: ignore[arg-type]
+    if isinstance(task, _tasks.C_TASK_TYPES):
+        set_c_task_coro(task, coro, portal)
+    else:
+        task._coro = portal  # type: ignore[attr-defined]  # the pure-Python Task
 
 
 # --- asyncio's C Task --------------------------------------------------------------

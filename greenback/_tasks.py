@@ -1,18 +1,25 @@
 """Access to the tasks of the supported event loops: which task is running,
-which coroutine a task runs, and how to swap it. Everything that differs
-between asyncio and Trio lives here, except ensure_portal()'s own fast path
-(in _core, and in its twin _purepy)."""
+which coroutine and context a task runs. Most of what differs between asyncio
+and Trio lives here (ensure_portal()'s fast path is in _core and its twin
+_purepy, and swapping a task's coroutine in _portal).
+
+This module knows nothing of portals: the compiled core and its twin both
+import it, so it must not import either of them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import inspect
+import sys
 import types
 from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Generator, TypeAlias
 
+import greenlet
 import sniffio
 
-from ._select import impl
+from ._errors import no_portal_error
 
 
 def _c_task_types() -> tuple[type, ...]:
@@ -23,8 +30,8 @@ def _c_task_types() -> tuple[type, ...]:
     return (Task,)
 
 
-_C_TASK_TYPES = _c_task_types()
-_ASYNCIO_TASK_TYPES = _C_TASK_TYPES + (asyncio.Task,)
+C_TASK_TYPES = _c_task_types()
+_ASYNCIO_TASK_TYPES = C_TASK_TYPES + (asyncio.Task,)
 
 if TYPE_CHECKING:
     import trio
@@ -35,12 +42,29 @@ if TYPE_CHECKING:
 def current_library() -> str:
     """The running async library, if greenback supports it."""
     library = sniffio.current_async_library()
+    if library == "trio" and _asyncio_step_runs_here():
+        # An asyncio loop runs inside a Trio task. sniffio says "trio" for the
+        # whole thread while trio.run() is active, but the code running here
+        # is a step of an asyncio task.
+        library = "asyncio"
     if library not in ("asyncio", "trio"):
         raise RuntimeError(
             f"greenback does not support {library}: it works under asyncio "
             "(including uvloop) and Trio, directly or through anyio"
         )
     return library
+
+
+def _asyncio_step_runs_here() -> bool:
+    if asyncio._get_running_loop() is None:
+        return False
+    task = asyncio.current_task()
+    if task is None:
+        return False
+    try:
+        return task_context(task) is greenlet.getcurrent().gr_context
+    except LookupError:
+        return False
 
 
 def current_task() -> _AnyTask:
@@ -78,34 +102,15 @@ def _asyncio_checkpoint() -> Generator[None, None, None]:
     yield
 
 
-def _is_trio_task(task: object) -> bool:
+def is_trio_task(task: object) -> bool:
     # Not isinstance(): that would import Trio into asyncio programs.
     return not isinstance(task, _ASYNCIO_TASK_TYPES) and type(task).__module__.startswith("trio")
 
 
 def get_coro(task: _AnyTask) -> Coroutine[Any, Any, Any]:
-    if _is_trio_task(task):
+    if is_trio_task(task):
         return task.coro  # type: ignore[union-attr]
     return task.get_coro()  # type: ignore[union-attr,return-value]
-
-
-def set_coro(
-    task: _AnyTask, old: Coroutine[Any, Any, Any], new: Coroutine[Any, Any, Any]
-) -> None:
-    if _is_trio_task(task):
-        task.coro = new  # type: ignore[union-attr]
-        # A task that is already scheduled has its next send bound to the old
-        # coroutine; rebind it so the portal takes over at that very step.
-        pending = getattr(task, "_next_send_fn", None)
-        if getattr(pending, "__self__", None) is old:
-            task._next_send_fn = getattr(new, pending.__name__)  # type: ignore[union-attr]
-        return
-    if isinstance(task, _C_TASK_TYPES):
-        # The C Task offers no way to assign it: swap the field from C.
-        impl.set_c_task_coro(task, old, new)
-    else:
-        # The pure-Python asyncio.Task lets us assign it.
-        setattr(task, "_coro", new)
 
 
 def check_task(task: object) -> None:
@@ -113,7 +118,7 @@ def check_task(task: object) -> None:
     another event loop than the running one, naming the fix."""
     if isinstance(task, asyncio.Task):
         if task.done():
-            raise RuntimeError(f"cannot give a portal to {task!r}: it has already finished")
+            raise RuntimeError(_finished_task_message(task))
         loop = task.get_loop()
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -127,13 +132,13 @@ def check_task(task: object) -> None:
                 "with loop.call_soon_threadsafe(greenback.bestow_portal, task)."
             )
         return
-    if _is_trio_task(task):
+    if is_trio_task(task):
         import trio
 
         if isinstance(task, trio.lowlevel.Task):
             coro: object = task.coro
             if inspect.iscoroutine(coro) and coro.cr_frame is None:
-                raise RuntimeError(f"cannot give a portal to {task!r}: it has already finished")
+                raise RuntimeError(_finished_task_message(task))
             try:
                 here: trio.lowlevel.Task | None = trio.lowlevel.current_root_task()
             except RuntimeError:
@@ -152,6 +157,14 @@ def check_task(task: object) -> None:
     )
 
 
+def _finished_task_message(task: object) -> str:
+    return (
+        f"cannot give a portal to {task!r}: it has already finished and will run "
+        "no more code, so a portal would never be used. Skip finished tasks "
+        "(check task.done() on asyncio) before calling bestow_portal()."
+    )
+
+
 def _trio_root(task: trio.lowlevel.Task) -> trio.lowlevel.Task:
     while task.parent_nursery is not None:
         task = task.parent_nursery.parent_task
@@ -166,41 +179,43 @@ def coro_has_started(coro: object) -> bool:
     return True
 
 
-def portal_in_await_chain(coro: object) -> bool:
-    """Whether a suspended task's chain of awaits passes through a portal
-    that gives the task await_() (a with_portal_run* call in progress)."""
-    seen = 0
-    while coro is not None and seen < 10_000:
-        seen += 1
-        if isinstance(coro, impl.Portal):
-            if coro.provides_portal:
-                return True
-        if hasattr(coro, "cr_await"):
-            coro = coro.cr_await
-        elif hasattr(coro, "gi_yieldfrom"):
-            coro = coro.gi_yieldfrom
-        else:
-            return False
-    return False
+def task_context(task: _AnyTask) -> contextvars.Context:
+    """The context that *task*'s steps run in. LookupError where it can't
+    be told: an asyncio C Task of Python 3.10/3.11 laid out unexpectedly."""
+    if is_trio_task(task):
+        return task.context  # type: ignore[union-attr]
+    get_context = getattr(task, "get_context", None)  # Python 3.12+
+    if get_context is not None:
+        return get_context()  # type: ignore[no-any-return]
+    context = getattr(task, "_context", None)  # the pure-Python Task
+    if isinstance(context, contextvars.Context):
+        return context
+    # The C Task of 3.10/3.11 has no getter, but its garbage-collector
+    # traversal visits the context first and the coroutine second.
+    referents = gc.get_referents(task)
+    if (
+        len(referents) >= 2
+        and type(referents[0]) is contextvars.Context
+        and referents[1] is task.get_coro()  # type: ignore[union-attr]
+    ):
+        return referents[0]
+    raise LookupError(f"cannot find the context of {task!r} on Python {sys.version}")
 
 
-def explain_missing_portal() -> BaseException:
-    """The error for an await_() that found no active portal."""
+def current_task_context() -> contextvars.Context | None:
+    """The context of the task that is running, or None outside a task
+    (no async library, an unsupported one, or a callback of the loop)."""
+    try:
+        task = current_task()
+    except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
+        return None
+    return task_context(task)
+
+
+def no_portal_error_here(portal_type: type[Any]) -> BaseException:
+    """The error for an await_() that found no portal for the running task;
+    *portal_type* is the active implementation's Portal class."""
     library = current_library()  # raises outside async context
-    task = current_task()
-    coro = get_coro(task)
-    if isinstance(coro, impl.Portal) and coro.provides_portal:
-        return RuntimeError(
-            "This task was given a greenback portal during its current step, "
-            "and the portal only starts working once the task "
-            f"must yield to the event loop: run 'await {library}.sleep(0)' "
-            "before calling greenback.await_(), or use 'await "
-            "greenback.ensure_portal()', which does that for you."
-        )
-    return RuntimeError(
-        "greenback.await_() needs a portal in the current task, and there is "
-        "none. To create a greenback portal, call 'await "
-        "greenback.ensure_portal()' once in this task, or run the sync code "
-        "through 'await greenback.with_portal_run_sync(fn, *args)' "
-        "(or 'await greenback.with_portal_run(async_fn, *args)')."
-    )
+    coro: Any = get_coro(current_task_of(library))
+    bestowed_this_step = isinstance(coro, portal_type) and coro.provides_portal
+    return no_portal_error(library, bestowed_this_step)

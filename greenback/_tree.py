@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, ContextManager, Iter
 
 from . import _tasks
 from ._select import impl
-from ._portal import P, T, with_portal_run
+from ._portal import P, T, set_coro, with_portal_run
 
 
 async def with_portal_run_tree(
@@ -74,7 +74,7 @@ async def portals_for_tree() -> AsyncIterator[None]:
             isinstance(coro, impl.Portal) and coro.provides_portal
         ):
             portal = impl.make_task_portal(coro, True)
-            _tasks.set_coro(task, coro, portal)
+            set_coro(task, coro, portal)
         await _schedule_point(library)  # from here on, steps run in the portal
         try:
             yield
@@ -82,7 +82,7 @@ async def portals_for_tree() -> AsyncIterator[None]:
             if portal is not None and _tasks.get_coro(task) is portal:
                 # The loop resumes the original coroutine from the next step
                 # on; once that has happened, the portal is idle and can go.
-                _tasks.set_coro(task, portal, coro)
+                set_coro(task, portal, coro)
                 await _schedule_point(library)
                 portal.detach()
             else:

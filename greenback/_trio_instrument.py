@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import trio
 
-from . import _tasks
+from ._portal import set_coro
 from ._select import impl
 
 _holder: trio.lowlevel.RunVar[AutoPortalInstrument | None] = trio.lowlevel.RunVar(
@@ -62,7 +62,7 @@ class AutoPortalInstrument(trio.abc.Instrument):
         coro: object = task.coro
         if not isinstance(coro, impl.Portal):
             # A task is spawned before its coroutine first runs.
-            _tasks.set_coro(task, task.coro, impl.make_task_portal(task.coro, False))
+            set_coro(task, task.coro, impl.make_task_portal(task.coro, False))
         self.tasks[task] = 0
 
 

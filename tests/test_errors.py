@@ -44,8 +44,8 @@ def tb_frames(exc: BaseException) -> list[types.FrameType]:
 
 
 def tb_names(exc: BaseException) -> list[str]:
-    # Cython names its traceback entries "module.function"; keep the function.
-    return [frame.f_code.co_name.rsplit(".", 1)[-1] for frame in tb_frames(exc)]
+    # Exact names: tools and upstream's tests match on co_name == "await_".
+    return [frame.f_code.co_name for frame in tb_frames(exc)]
 
 
 # The pure-Python twin's portal shows its own coroutine-protocol frames when
