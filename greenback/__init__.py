@@ -8,6 +8,10 @@ from typing import Any
 
 from ._version import __version__ as __version__
 from ._select import IMPLEMENTATION as __implementation__
+# stackscope's built-in glue for upstream greenback reads greenback._impl, and
+# stackscope calls _stackscope_install_glue_ at its first extraction.
+from ._stackscope import compat_impl as _impl
+from ._stackscope import install_glue as _stackscope_install_glue_
 from ._portal import (
     await_ as await_,
     bestow_portal as bestow_portal,
