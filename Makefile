@@ -25,13 +25,14 @@ ASAN_CFLAGS := -fsanitize=address --param asan-stack=0 -fno-omit-frame-pointer -
 ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libstdc++.so.6)
 ASAN_LOG := $(CURDIR)/.asan-report
 
-.PHONY: help venv build install demo test pytest typecheck bench wheels wheels-smoke cibuildwheel-check test-debug test-asan test-soak clean
+.PHONY: help venv build install demo test pytest test-upstream typecheck bench wheels wheels-smoke cibuildwheel-check test-debug test-asan test-soak clean
 
 help:
 	@echo "make demo      - set up .venv, build, run examples/quickstart.py"
 	@echo "make test      - set up .venv, build, install; typecheck, then the whole suite"
 	@echo "make typecheck - mypy --strict (package, tests, type tests) and stubtest"
 	@echo "make pytest    - only the pytest suite (PYTEST_ARGS=... to select)"
+	@echo "make test-upstream - upstream greenback 1.3.0's own tests, adapted, against the install"
 	@echo "make bench     - benchmark against upstream greenback 1.3.0 (own venv)"
 	@echo "make wheels    - a manylinux wheel per CPython 3.10-3.13, each tested installed"
 	@echo "make test-debug - the suite under python -X dev, PYTHONMALLOC=debug, -W error"
@@ -79,7 +80,14 @@ pytest: install
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 	cd tests && ../$(VPY) -m pytest -p no:cacheprovider --no-c-extensions $(PYTEST_ARGS)
 
-test: typecheck pytest cibuildwheel-check
+# Upstream greenback 1.3.0's own test suite, from its sdist (downloaded into
+# .upstream-suite/), with the documented rewrites in the script, against the
+# installed package: compiled, then pure-Python.
+test-upstream: install
+	$(VPY) scripts/upstream_suite.py --implementation compiled
+	$(VPY) scripts/upstream_suite.py --implementation pure-python
+
+test: typecheck pytest test-upstream cibuildwheel-check
 
 # Upstream greenback, the pure-Python original, in a venv of its own.
 $(UPSTREAM_VENV)/.installed: requirements/bench-upstream.txt
