@@ -43,7 +43,8 @@ for python in "$@"; do
     "$work/test/bin/python" -m pip -q --disable-pip-version-check install \
         -r requirements/test.txt "$wheel"
     args=(-q -p no:cacheprovider)
-    [[ -n "$smoke" ]] && args+=(test_smoke.py test_build.py test_api.py test_twins.py)
+    [[ -n "$smoke" ]] && args+=(test_smoke.py test_build.py test_api.py test_twins.py
+        test_nested_loops.py test_differences.py test_stackscope.py)
     (cd tests && "../$work/test/bin/python" -m pytest "${args[@]}")
     (cd tests && "../$work/test/bin/python" -m pytest --no-c-extensions "${args[@]}")
 done

@@ -178,29 +178,8 @@ def test_reentering_the_running_task(lib: Lib) -> None:
     lib.run(main)
 
 
-def test_bestow_portal_on_a_non_task() -> None:
-    with pytest.raises(TypeError, match="takes an asyncio.Task or a trio.lowlevel.Task"):
-        greenback.bestow_portal(42)  # type: ignore[arg-type]
-
-
-def test_bestow_portal_on_a_finished_task(lib: Lib) -> None:
-    async def main() -> None:
-        if lib.sniffio_name == "trio":
-            box: list[trio.lowlevel.Task] = []
-
-            async def child() -> None:
-                box.append(trio.lowlevel.current_task())
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(child)
-            finished: Any = box[0]
-        else:
-            finished = asyncio.create_task(asyncio.sleep(0))
-            await finished
-        with pytest.raises(RuntimeError, match="already finished"):
-            greenback.bestow_portal(finished)
-
-    lib.run(main)
+# bestow_portal() on a non-task and on a finished task: tests/test_differences.py
+# (both are deliberate differences from upstream, pinned there).
 
 
 def test_bestow_portal_on_a_task_of_a_loop_in_another_thread() -> None:

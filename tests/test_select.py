@@ -46,8 +46,40 @@ def test_falls_back_with_one_clear_warning_when_the_extension_fails_to_import() 
     implementation, count, message = proc.stdout.splitlines()
     assert implementation == "pure-python"
     assert count == "1 RuntimeWarning"
-    assert "compiled core could not be imported" in message
+    assert "compiled core could not be imported: it is not installed" in message
     assert "GREENBACK_NO_EXTENSIONS=1" in message
+
+
+def test_a_broken_extension_is_called_broken_not_a_circular_import() -> None:
+    # An extension that fails half-way through its import makes Python blame
+    # "a circular import"; the warning must say the core is broken, and why.
+    code = (
+        "import importlib.machinery, sys, warnings\n"
+        "class Broken(importlib.machinery.ExtensionFileLoader):\n"
+        "    def exec_module(self, module):\n"
+        "        raise ImportError(\"cannot import name 'Portal' from partially \"\n"
+        "            \"initialized module 'greenback._core' (most likely due to a \"\n"
+        "            \"circular import)\")\n"
+        "class Finder:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'greenback._core':\n"
+        "            spec = importlib.machinery.PathFinder.find_spec(name, path)\n"
+        "            spec.loader = Broken(name, spec.origin)\n"
+        "            return spec\n"
+        "sys.meta_path.insert(0, Finder())\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import greenback\n"
+        "print(greenback.__implementation__)\n"
+        "print(caught[0].message)\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    implementation, message = proc.stdout.splitlines()
+    assert implementation == "pure-python"
+    assert "compiled core could not be imported: it is installed but broken" in message
+    assert "ImportError: cannot import name 'Portal'" in message
+    assert "circular import" not in message
 
 
 def test_pure_python_on_other_implementations() -> None:
