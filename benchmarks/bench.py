@@ -182,6 +182,12 @@ def run_worker(library: str, rounds: int, scale: float = 1.0) -> dict[str, list[
                 if round_no:  # round 0 warms up
                     results[op.key].append(elapsed / (iterations * op.per) * 1e6)
 
+    run_on(library, main)
+    return results
+
+
+def run_on(library: str, main: Callable[[], Awaitable[None]]) -> None:
+    """Run `main()` on asyncio, uvloop or Trio."""
     if library == "trio":
         import trio
 
@@ -195,8 +201,7 @@ def run_worker(library: str, rounds: int, scale: float = 1.0) -> dict[str, list[
         finally:
             loop.close()
     else:
-        asyncio.run(main())
-    return results
+        asyncio.run(main())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------

@@ -34,6 +34,17 @@ def test_worker_reports_every_operation(lib: Lib) -> None:
         assert samples[0] > 0, key
 
 
+@pytest.mark.parametrize("key", ["bare", "await_", "task_portal"])
+def test_instruction_counter_runs_one_operation(lib: Lib, key: str) -> None:
+    # What `instructions.py compare` runs under valgrind, here without it.
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("instructions.py")), "one",
+         lib.sniffio_name, key, "20"],
+        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("met", [True, False])
 def test_report_marks_targets(met: bool) -> None:
     spec = importlib.util.spec_from_file_location("bench", BENCH)
