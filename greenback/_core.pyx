@@ -34,6 +34,7 @@ there around the C function :func:`await_` below.)
 """
 
 cimport cython
+from libc.stdint cimport uint64_t
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 
 from greenback._greenlet cimport (
@@ -48,6 +49,7 @@ from greenback._greenlet cimport (
 import asyncio
 import atexit
 import gc
+import os
 import threading
 import warnings
 from collections.abc import Coroutine as _Coroutine
@@ -59,6 +61,7 @@ import sniffio
 from greenback._errors import (
     FOREIGN_GREENLET_ERROR as _FOREIGN_GREENLET_ERROR,
     IN_GC_ERROR as _IN_GC_ERROR,
+    ORPHANED_AWAIT_ERROR as _ORPHANED_AWAIT_ERROR,
     TASK_LAYOUT_ERROR as _TASK_LAYOUT_ERROR,
     exception_from_throw_args as _exception_from_throw_args,
 )
@@ -316,11 +319,17 @@ cdef extern from *:
     PyObject* PyErr_Occurred()
     void PyErr_Clear()
     void PyErr_SetString(PyObject* exc, const char* msg)
+    void PyErr_SetObject(PyObject* exc, PyObject* value)
     void PyErr_WriteUnraisable(PyObject* obj)
     PyObject* PyExc_StopIteration
     PyObject* PyExc_RuntimeError
     PyObject* PyExc_ValueError
     void gb_raise_from(PyObject* exc_type, const char* msg, PyObject* cause)
+
+
+cdef extern from "_stack_guard.h":
+    int gb_check_stack() noexcept
+    Py_ssize_t gb_stack_room() noexcept
 
 
 cdef enum:
@@ -349,10 +358,33 @@ DEF MAX_PARKED_WORKERS = 64
 
 cdef extern from *:
     """
-    /* This thread's _WorkerPool (borrowed; a threading.local owns it). */
+    /* This thread's _WorkerPool, borrowed: the threading.local of the Python
+       thread state `gb_pool_owner` owns it.  A native thread that calls into
+       Python (ctypes callbacks, PyGILState_Ensure) gets a new thread state
+       for every call on the same OS thread, so the pool is only this thread
+       state's if the ids match; the pool also clears this when it dies. */
     static GB_THREAD_LOCAL PyObject *gb_pool = NULL;
+    static GB_THREAD_LOCAL uint64_t gb_pool_owner = 0;
+
+    static inline PyObject *gb_thread_pool(void) {
+        if (gb_pool != NULL && gb_pool_owner != PyThreadState_GetID(PyThreadState_Get()))
+            gb_pool = NULL;
+        return gb_pool;
+    }
+
+    static inline uint64_t gb_tstate_id(void) {
+        return PyThreadState_GetID(PyThreadState_Get());
+    }
+
+    static inline void gb_set_thread_pool(PyObject *pool) {
+        gb_pool = pool;
+        gb_pool_owner = PyThreadState_GetID(PyThreadState_Get());
+    }
     """
     PyObject* gb_pool
+    PyObject* gb_thread_pool()
+    void gb_set_thread_pool(PyObject* pool)
+    uint64_t gb_tstate_id()
 
 
 @cython.final
@@ -367,6 +399,9 @@ cdef class _WorkerPool:
     cdef int count
 
     def __dealloc__(self):
+        global gb_pool
+        if gb_pool == <PyObject*>self:
+            gb_pool = NULL
         self.release()
 
     cdef void release(self) noexcept:
@@ -374,6 +409,11 @@ cdef class _WorkerPool:
         while self.count > 0:
             self.count -= 1
             Py_XDECREF(self.workers[self.count])
+
+    cdef void forget_all(self) noexcept:
+        """Drop every parked worker without ending it (see
+        _after_fork_in_child): their references are leaked on purpose."""
+        self.count = 0
 
     cdef void forget_context(self, PyObject* ctx) noexcept:
         """Make parked workers drop `ctx`, whose task has finished."""
@@ -387,14 +427,18 @@ cdef class _WorkerPool:
 
 
 cdef object _thread_state = threading.local()
+# Greenlets of steps that were suspended in a deleted thread state (see
+# Portal._abandon): kept alive for good, never switched into.
+cdef list _abandoned_greenlets = []
 cdef object _GR_CONTEXT = "gr_context"
 
 
 def _release_parked_workers():
     """At exit, end this thread's parked workers while greenlet still can:
     after interpreter finalization starts, it would leak their frames."""
-    if gb_pool != NULL:
-        (<_WorkerPool>gb_pool).release()
+    cdef PyObject* pool = gb_thread_pool()
+    if pool != NULL:
+        (<_WorkerPool>pool).release()
 
 
 atexit.register(_release_parked_workers)
@@ -404,19 +448,19 @@ def _new_worker():
     # A fresh greenlet costs ~10 us (it maps a new frame-stack block), hence
     # the pool. Its parent is the current greenlet; that only matters if the
     # worker is ever killed, when control goes back there.
-    global gb_pool
-    if gb_pool == NULL:
+    if gb_thread_pool() == NULL:
         pool = _thread_state.pool = _WorkerPool()
-        gb_pool = <PyObject*>pool
+        gb_set_thread_pool(<PyObject*>pool)
     return greenlet.greenlet(_worker_entry)
 
 
 cdef void _park(object worker, PyObject* ctx) noexcept:
     """Return an idle worker, which holds context `ctx`, to this thread's pool."""
     cdef _WorkerPool pool
-    if gb_pool == NULL:
+    cdef PyObject* p = gb_thread_pool()
+    if p == NULL:
         return  # the thread's pool is gone; let the worker go
-    pool = <_WorkerPool>gb_pool
+    pool = <_WorkerPool>p
     if pool.count >= MAX_PARKED_WORKERS:
         return
     Py_INCREF(worker)
@@ -517,6 +561,8 @@ cdef class Portal:
     # runs for (see _usable_portal). Borrowed, and read only during the step,
     # while the event loop holds it as its current context.
     cdef PyObject* step_ctx
+    # The Python thread state the worker was taken in (see _step).
+    cdef uint64_t worker_tstate
     cdef object awaiting  # what a suspended await_() waits on (for cr_await)
     cdef object send_value
     cdef object send_exc
@@ -547,7 +593,16 @@ cdef class Portal:
         if self.finished:
             PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine")
             return -1
+        if gb_check_stack() < 0:
+            return -1
         self.started = True
+        if self.resume is not None and self.worker_tstate != gb_tstate_id():
+            # Suspended mid-step in a thread state that is gone: a native
+            # thread's earlier callback. Switching back into frames of a
+            # deleted thread state crashes, in greenlet, so fail instead.
+            self._abandon()
+            PyErr_SetObject(PyExc_RuntimeError, <PyObject*>_ORPHANED_AWAIT_ERROR)
+            return -1
         r = _current_greenlet()
         if r == NULL:
             return -1
@@ -636,8 +691,9 @@ cdef class Portal:
         cdef PyObject* w
         cdef PyObject* held
         cdef _WorkerPool pool
-        if gb_pool != NULL and (<_WorkerPool>gb_pool).count > 0:
-            pool = <_WorkerPool>gb_pool
+        cdef PyObject* p = gb_thread_pool()
+        if p != NULL and (<_WorkerPool>p).count > 0:
+            pool = <_WorkerPool>p
             pool.count -= 1
             w = pool.workers[pool.count]
             held = pool.contexts[pool.count]
@@ -655,6 +711,7 @@ cdef class Portal:
                 <PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
             return -1
         self.last_ctx = <object>ctx
+        self.worker_tstate = gb_tstate_id()
         return 0
 
     cdef int _follow_context(self, PyObject* ctx) noexcept:
@@ -673,8 +730,22 @@ cdef class Portal:
             self.last_ctx = <object>ctx
         return 0
 
+    cdef void _abandon(self) noexcept:
+        """Give up on a step suspended in a deleted thread state: keep its
+        greenlets alive for good (freeing one would switch into it to end it)
+        and never resume them."""
+        if PyList_Append(<PyObject*>_abandoned_greenlets, <PyObject*>self.worker) < 0 or (
+                self.resume is not self.worker and PyList_Append(
+                    <PyObject*>_abandoned_greenlets, <PyObject*>self.resume) < 0):
+            PyErr_WriteUnraisable(<PyObject*>self)
+        self.finished = True
+        self.worker = self.resume = self.outer = self.last_ctx = None
+        self.coro = self.awaiting = self.fn = self.args = self.kwargs = None
+        self.send_value = self.send_exc = None
+
     cdef void _finish(self) noexcept:
         """Mark the portal done and park its worker for reuse."""
+        cdef PyObject* pool
         self.finished = True
         worker = self.worker
         ctx = self.last_ctx
@@ -688,8 +759,9 @@ cdef class Portal:
             if PyObject_SetAttr(<PyObject*>worker, <PyObject*>_GR_CONTEXT, <PyObject*>None) < 0:
                 PyErr_WriteUnraisable(<PyObject*>worker)
                 return
-            if gb_pool != NULL:
-                (<_WorkerPool>gb_pool).forget_context(<PyObject*>ctx)
+            pool = gb_thread_pool()
+            if pool != NULL:
+                (<_WorkerPool>pool).forget_context(<PyObject*>ctx)
             _park(worker, <PyObject*>None)
         else:
             _park(worker, <PyObject*>ctx)
@@ -779,6 +851,14 @@ cdef class Portal:
             coro, self.coro = self.coro, None
             if coro is not None:
                 coro.close()
+            return None
+        if self.resume is not None and (
+                self.worker_tstate != gb_tstate_id() or not _greenlet_usable()):
+            # An await_() is suspended where it can't be resumed: in a deleted
+            # thread state (see _step), or anywhere once greenlet is being
+            # finalized at interpreter exit. Its frames are left as they are,
+            # quietly: the program's own error, if any, is what matters.
+            self._abandon()
             return None
         rc = self._step(None, GeneratorExit())
         if rc < 0:
@@ -1118,6 +1198,8 @@ cdef PyObject* _await(PyObject* module, PyObject* aw) noexcept:
     cdef PyObject* r
     cdef PySendResult status
     cdef Portal portal
+    if gb_check_stack() < 0:
+        return _raise(_refusal(<object>aw, None))
     if p == NULL:
         return _raise(_no_portal_error(<object>aw))
     if gb_collecting:
@@ -1234,7 +1316,8 @@ cdef object _no_portal_error(object aw):
 
 
 cdef object _refusal(object aw, str message):
-    # message None: greenlet has already set the exception (interpreter exit)
+    # message None: the exception is already set (by greenlet at interpreter
+    # exit, or by the stack guard)
     cdef object exc
     if message is None:
         exc = <object>gb_fetch_exception()
@@ -1246,6 +1329,12 @@ cdef object _refusal(object aw, str message):
     except BaseException as error:
         return error
     return exc
+
+
+def _stack_room():
+    """Bytes of C stack left before the nesting guard raises RecursionError
+    (for tests and measurements)."""
+    return gb_stack_room()
 
 
 cdef int _close_unawaited(object aw) except -1:
@@ -1261,6 +1350,21 @@ def _gc_phase(phase, info):
 
 
 gc.callbacks.append(_gc_phase)
+
+
+def _after_fork_in_child():
+    """A child forked from sync code under a portal inherits the parent's
+    running step and idle workers. They are copies of the parent's: running
+    them would run the parent's event loop and tasks here. Forget them."""
+    global gb_active_portal, gb_collecting
+    cdef PyObject* pool = gb_thread_pool()
+    gb_active_portal = NULL
+    gb_collecting = 0
+    if pool != NULL:
+        (<_WorkerPool>pool).forget_all()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 

@@ -19,6 +19,22 @@ FOREIGN_GREENLET_ERROR = (
     "from the task's own code, or from a greenlet that code starts."
 )
 
+ORPHANED_AWAIT_ERROR = (
+    "greenback cannot resume this task: its await_() was suspended in a Python "
+    "thread state that has since been deleted (a native thread's callback "
+    "returned, and the thread's next call into Python got a new thread state). "
+    "greenlet cannot switch back into code suspended there, so the task fails "
+    "instead. Let the event loop finish what a callback starts before the "
+    "callback returns, or run the loop on a thread of its own."
+)
+
+# The compiled core's twin of this is in _stack_guard.h.
+STACK_EXHAUSTED_ERROR = (
+    "greenback: the C stack is nearly exhausted by nested portals (await_() "
+    "of code that awaits through another portal, many levels deep); reduce "
+    "the nesting depth"
+)
+
 TASK_LAYOUT_ERROR = (
     "greenback could not find where this asyncio.Task stores its coroutine, "
     "so it cannot give the task a portal. Use a task created by "
