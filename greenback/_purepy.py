@@ -635,12 +635,13 @@ def await_(aw: Awaitable[T]) -> T:
         if refusal is STACK_EXHAUSTED_ERROR:
             raise RecursionError(refusal)
         raise RuntimeError(refusal)
-    depth = _state.depth = _state.depth + 1  # this await_'s level
     # This frame must hold neither the portal nor a greenlet whenever user
     # code runs or an exception may leave it: a traceback keeps the frame
     # alive, and a dropped task's portal must still be freed and finalized.
     del portal
     it = _awaitable_iter(aw)
+    # One level deeper until the `finally` below restores it.
+    depth = _state.depth = _state.depth + 1
     detached = False
     value: Any = None
     exc: BaseException | None = None

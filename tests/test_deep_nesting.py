@@ -143,3 +143,27 @@ def test_stack_room_is_measured_per_thread() -> None:
         return greenback._core._stack_room() if depth == 0 else room_at(depth - 1)
 
     assert 0 < room_at(50) <= room_at(0)
+
+
+def test_refused_awaits_do_not_use_up_the_nesting_budget() -> None:
+    """A non-awaitable handed to await_() fails before it nests: thousands
+    of such calls leave the thread's nesting depth as it was."""
+    proc = run_program(
+        """
+        import asyncio
+        import greenback
+
+        async def main():
+            await greenback.ensure_portal()
+            for _ in range(20_000):
+                try:
+                    greenback.await_(42)
+                except TypeError:
+                    pass
+            return greenback.await_(asyncio.sleep(0, "still works"))
+
+        print(asyncio.run(main()))
+        """
+    )
+    assert (proc.returncode, proc.stderr, proc.stdout) == (0, "", "still works\n")
+
