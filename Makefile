@@ -133,9 +133,11 @@ test-asan: $(ASAN_VENV)/.installed
 	@echo "AddressSanitizer and LeakSanitizer: no reports"
 
 # The soak test at full size: 1,000,000 await_ calls and 200,000 one-shot
-# portals per loop, with memory, greenlet count and refcounts watched.
+# portals per loop, with memory, greenlet count and refcounts watched; and the
+# stress tests (signal storms, gc at every allocation, tracing hooks) at full
+# length.
 test-soak: install
-	cd tests && GREENBACK_SOAK_SCALE=1.0 ../$(VPY) -m pytest -p no:cacheprovider test_soak.py $(PYTEST_ARGS)
+	cd tests && GREENBACK_SOAK_SCALE=1.0 ../$(VPY) -m pytest -p no:cacheprovider test_soak.py test_stress.py $(PYTEST_ARGS)
 
 # A wheel per CPython found, repaired to a manylinux tag, installed into a
 # fresh venv and tested there (full suite, compiled and pure).

@@ -39,6 +39,8 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 
 from greenback._greenlet cimport (
     PyGreenlet,
+    PyGreenlet_ACTIVE,
+    PyGreenlet_STARTED,
     PyGreenlet_GetCurrent,
     PyGreenlet_GetParent,
     PyGreenlet_New,
@@ -630,9 +632,17 @@ cdef class Portal:
         self.running = False
         gb_active_portal = prev
         if r == NULL:
-            # The switch itself failed: stepped from another thread than the
-            # worker's (greenlet.error says so).
             self.send_value = self.send_exc = None
+            if PyGreenlet_STARTED(<PyGreenlet*>self.resume) and not PyGreenlet_ACTIVE(
+                    <PyGreenlet*>self.resume):
+                # The worker died on the way in, before it could take the
+                # step: a signal handler raised in its Python entry frame.
+                # The exception ends the step; a dead worker can't serve
+                # another one, so the portal is over.
+                self.out_kind = OUT_NONE
+                self._finish()
+            # Otherwise the switch itself failed: stepped from another
+            # thread than the worker's (greenlet.error says so).
             return -1
         Py_DECREF(<object>r)
 
@@ -1101,6 +1111,8 @@ def portalize_running_task():
     portal unless it has one, and return the name of its async library."""
     if _usable_portal() != NULL:
         return _tasks.current_library()
+    if PyErr_Occurred():
+        gb_propagate()
     return _install_portal_in_running_task()
 
 
@@ -1154,7 +1166,9 @@ cdef void _install_in_asyncio_task(object task) except *:
 # ---------------------------------------------------------------------------
 
 cdef inline PyObject* _usable_portal() noexcept:
-    """The portal that await_() would use here, or NULL. Borrowed."""
+    """The portal that await_() would use here, or NULL. Borrowed. NULL with
+    an exception set if the task lookup raised a BaseException that is not
+    an Exception (a signal handler's KeyboardInterrupt): it is the caller's."""
     cdef PyObject* p = gb_active_portal
     if p == NULL or (<Portal>p).step_ctx == gb_current_context():
         return p
@@ -1169,7 +1183,11 @@ cdef PyObject* _usable_portal_slow(PyObject* p) noexcept:
         # The task's context can't be told (an unknown asyncio C Task
         # layout): trust the per-thread portal, as before nested loops.
         return p
-    except BaseException:
+    except Exception:
+        return NULL
+    except BaseException as error:
+        # A signal handler's KeyboardInterrupt, say: it is the caller's.
+        gb_reraise(<PyObject*>error)
         return NULL
     return p if task_ctx is step_ctx else NULL
 
@@ -1177,7 +1195,11 @@ cdef PyObject* _usable_portal_slow(PyObject* p) noexcept:
 def in_active_portal():
     """True if :func:`await_` would work here: a portal's step is running
     on behalf of the current task."""
-    return _usable_portal() != NULL
+    if _usable_portal() != NULL:
+        return True
+    if PyErr_Occurred():
+        gb_propagate()
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -1201,6 +1223,8 @@ cdef PyObject* _await(PyObject* module, PyObject* aw) noexcept:
     if gb_check_stack() < 0:
         return _raise(_refusal(<object>aw, None))
     if p == NULL:
+        if PyErr_Occurred():
+            return _raise(_refusal(<object>aw, None))
         return _raise(_no_portal_error(<object>aw))
     if gb_collecting:
         return _raise(_refusal(<object>aw, _IN_GC_ERROR))

@@ -10,6 +10,40 @@ thread, and values cross the greenlet switches through the portal's fields.
 Differences from the compiled core: it is slower, and an exception that
 leaves a portal carries the portal's own frames in its traceback (the
 compiled core's tracebacks show none).
+
+Exceptions from signal handlers
+-------------------------------
+The compiled core's plumbing is C, where no signal handler runs: a
+KeyboardInterrupt (or whatever a handler raises) lands in user code or in the
+event loop's. Here the plumbing is Python, and CPython runs a pending handler
+wherever its eval loop checks for one: on entering a Python function, on a
+loop's jump back, and just after a call into C returns. The plumbing stays
+consistent whichever of those points raises:
+
+* `collecting` is set by a gc callback built from C callables alone (see
+  _ThreadState), which no handler can interrupt.
+* Fields that belong together change in runs of plain stores with no call
+  among them (no handler runs there), ordered so that stopping before or
+  after a run leaves a consistent state: the step's start and end, parking
+  and taking a worker, await_()'s hand-over.
+* An exception raised in greenback's own code during a step, where no user
+  code could see it, is thrown into what the portal runs, where that is
+  suspended, as if it had been raised there (where the compiled core would
+  deliver it): by the step itself (Portal._step), by the worker
+  (_serve_portals, _run_unit) and by await_(). If the worker's except clause
+  is interrupted in turn, the worker dies; each step makes itself the
+  worker's parent greenlet, so that the death reaches that step (and not
+  whichever greenlet created the worker), which drops the dead worker and
+  throws the exception in with a fresh one.
+* A Python function's first bytecode is such a point too, and nothing can
+  catch what it raises. So after a step suspends, the portal's send(),
+  __next__() and throw() are those of a generator (_step_driver), which
+  resumes inside its own try and takes the next step from there. (The
+  first step still enters through a method; nothing is suspended yet.)
+
+In a child process of fork(), the forking thread's state is reset (no
+active portal, not collecting, no parked worker): the parent's greenlets
+must never run in the child (_reset_after_fork).
 """
 
 from __future__ import annotations
@@ -24,9 +58,11 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from functools import partial
+from operator import attrgetter, methodcaller
 from types import CodeType, FrameType
-from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Generator, TypeVar, cast
 
 import greenlet
 import sniffio
@@ -50,9 +86,28 @@ MAX_PARKED_WORKERS = 64
 
 
 class _ThreadState(threading.local):
+    # Class-level defaults: what a thread has before it has run any step.
+    active: Portal | None = None  # the portal whose step is running
+    collecting = False  # inside a garbage collection (see _gc_phase)
+
+    # gc.callbacks calls _gc_phase(phase, info), which is getattr(_state,
+    # phase, info): reading one of these properties sets this thread's
+    # `collecting` through C code alone (property, methodcaller and the
+    # thread-local's own __setattr__). A Python callback could be stopped by
+    # a signal handler's exception before it stored anything, and a stale
+    # True would refuse every later await_().
+    if TYPE_CHECKING:
+
+        @property
+        def start(self) -> None: ...
+        @property
+        def stop(self) -> None: ...
+
+    else:
+        start = property(methodcaller("__setattr__", "collecting", True))
+        stop = property(methodcaller("__setattr__", "collecting", False))
+
     def __init__(self) -> None:
-        self.active: Portal | None = None  # the portal whose step is running
-        self.collecting = False  # inside a garbage collection (see _gc_phase)
         # Idle workers, each with the context it holds.
         self.parked: list[tuple[greenlet.greenlet, contextvars.Context | None]] = []
         # Identifies this Python thread state: a native thread that calls
@@ -65,6 +120,22 @@ class _ThreadState(threading.local):
 
 
 _state = _ThreadState()
+
+
+def _release_parked_workers() -> None:
+    """At exit, end this thread's parked workers while greenlet still can."""
+    _state.parked.clear()
+
+
+atexit.register(_release_parked_workers)
+
+
+# gc.callbacks hook: track whether this thread is collecting. It runs no
+# Python bytecode, so no signal handler can interrupt it (see _ThreadState).
+_gc_phase = partial(getattr, _state)
+
+gc.callbacks.append(_gc_phase)
+
 
 # Greenlets of steps that were suspended in a deleted thread state (see
 # Portal._abandon): kept alive for good, never switched into.
@@ -107,33 +178,30 @@ def _nesting_limit() -> int:
     return limit
 
 
+# Parked workers inherited by a child process of fork(): copies of the
+# parent's greenlets, kept here for good. Releasing them would make greenlet
+# kill them, which runs them, and none of the parent's code may run again in
+# the child.
+_inherited_workers: list[list[tuple[greenlet.greenlet, contextvars.Context | None]]] = []
+
+
 def _reset_after_fork() -> None:
-    """In a child forked from sync code under a portal: the parent's running
-    step and idle workers are copies that must never run here (see _core)."""
+    """os.register_at_fork(after_in_child=...): in a child forked from sync
+    code under a portal, the forking thread's state described the parent's
+    running step and idle workers, copies that must never run here (see
+    _core): forgotten, not ended (ending one would run it)."""
+    parked = _state.parked
+    _state.parked = []
     _state.active = None
     _state.collecting = False
     _state.depth = 0
-    _state.parked = []  # forgotten, not ended: ending one would run it
+    if parked:
+        _inherited_workers.append(parked)
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
-
-def _release_parked_workers() -> None:
-    """At exit, end this thread's parked workers while greenlet still can."""
-    _state.parked.clear()
-
-
-atexit.register(_release_parked_workers)
-
-
-def _gc_phase(phase: str, info: dict[str, int]) -> None:
-    """gc.callbacks hook: track whether this thread is collecting."""
-    _state.collecting = phase == "start"
-
-
-gc.callbacks.append(_gc_phase)
 
 def _descends_from(g: greenlet.greenlet | None, ancestor: greenlet.greenlet | None) -> bool:
     while g is not None:
@@ -157,20 +225,43 @@ def _serve_portals() -> None:
     the worker holds the portal while user code runs or while it is parked:
     a task that is dropped must be able to free its portal, whose finalizer
     then unwinds the worker."""
-    while _my_portal() is not None:
-        _run_unit()
-        portal = _my_portal()
-        if portal is None:
-            return
-        outer = portal._outer
-        del portal
-        assert outer is not None
-        outer.switch()
+    while True:
+        try:
+            while True:
+                if _my_portal() is None:
+                    return
+                _run_unit()
+                portal = _my_portal()
+                if portal is None:
+                    return
+                outer = portal._outer
+                del portal
+                assert outer is not None
+                outer.switch()
+        except BaseException as exc:
+            # Raised in this loop's own code, or passed on by _run_unit: not
+            # raised by user code, but by a signal handler (or GreenletExit,
+            # when greenlet kills a parked worker). If a step of our portal is
+            # running, the exception belongs to it: throw it into what the
+            # portal runs, in place of what the step was to send, as if it had
+            # been raised where that is suspended.
+            portal = _my_portal()
+            if portal is None:
+                return  # killed, or resumed by something other than a step
+            if not isinstance(portal._send_exc, GeneratorExit):  # close() wins
+                portal._send_exc = exc
+            portal._send_value = _INTERRUPTION
+            del portal
+
+
+# What _serve_portals sends along with an exception from a signal handler.
+_INTERRUPTION = object()
 
 
 def _run_unit() -> None:
     """Start the function, or send/throw into the coroutine, then record
-    what came out in the portal. Never raises."""
+    what came out in the portal. Raises only what user code did not raise:
+    an exception from a signal handler while the coroutine is suspended."""
     portal = _my_portal()
     assert portal is not None
     exc, portal._send_exc = portal._send_exc, None
@@ -190,6 +281,10 @@ def _run_unit() -> None:
         if exc is not None and coro is None:
             raise exc  # thrown into before it started: the function never runs
         if coro is not None:
+            if value is _INTERRUPTION and _finished(coro):
+                # A signal handler's exception (see _serve_portals) after the
+                # coroutine finished: throw() would turn it into "cannot reuse".
+                raise exc  # type: ignore[misc]
             done, out = _send_or_throw(coro, value, exc)
         elif fn is None:
             raise RuntimeError("this greenback portal has nothing to run")
@@ -208,17 +303,65 @@ def _run_unit() -> None:
                 done, out = _send_or_throw(coro, None, None)
     except BaseException as error:
         portal = _my_portal()
-        if portal is not None:  # else killed while in user code
-            portal._out_kind = OUT_RAISE
-            portal._out_value = _without_own_frames(error)
+        if portal is None:
+            return  # killed while in user code
+        if coro is not None and _interrupted(error, coro):
+            raise  # not the coroutine's: _serve_portals throws it in
+        error = _without_own_frames(error)
+        portal._out_kind = OUT_RAISE
+        portal._resume = portal._awaiting = None  # back in the serve loop: idle
+        portal._out_value = error
         return
     portal = _my_portal()
     if portal is None:
         return
     portal._out_kind = OUT_RETURN if done else OUT_YIELD
-    if not done:
-        portal._resume = None  # back in the serve loop: idle
+    portal._resume = portal._awaiting = None  # back in the serve loop: idle
     portal._out_value = out
+
+
+def _finished(it: Any) -> bool:
+    """Whether `it` is a native coroutine or a generator that has finished."""
+    if inspect.iscoroutine(it):
+        return it.cr_frame is None
+    if inspect.isgenerator(it):
+        return it.gi_frame is None
+    return False
+
+
+def _from_signal_handler(error: BaseException) -> bool:
+    """Whether `error` was raised by a signal handler rather than by
+    greenback or by the C functions it calls: a handler is Python code, whose
+    frame ends the traceback, or Python's default SIGINT handler, which is C
+    and raises KeyboardInterrupt (which those functions never do)."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+
+
+def _interrupted(error: BaseException, it: Any) -> bool:
+    """Whether `error`, caught around a call that resumed `it`, was raised by
+    a signal handler (just before `it` ran, or just after it yielded) rather
+    than by `it`. Only said of a native coroutine or generator that is still
+    suspended, started or not: whatever it raises finishes it. Its send(),
+    throw() and close() can raise without finishing it (TypeError, RuntimeError)
+    but only from C, while a signal handler is Python code, whose frame ends
+    the traceback; Python's default SIGINT handler is C, and raises
+    KeyboardInterrupt, which those methods never do."""
+    if inspect.iscoroutine(it):
+        if it.cr_frame is None or it.cr_running:
+            return False
+    elif not inspect.isgenerator(it) or it.gi_frame is None or it.gi_running:
+        return False
+    return _from_signal_handler(error)
 
 
 _worker_entry = partial(run_worker, _serve_portals)
@@ -297,6 +440,8 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
     _send_exc: BaseException | None
     _out_value: Any
     _out_kind: int
+    _serial: int  # steps begun, counted by _step's first statement
+    _driver_token: object | None  # identifies the live _step_driver, if any
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
@@ -311,60 +456,122 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         self._started, self._finished, self._running = started, False, False
         self._worker = self._resume = self._outer = None
         self._last_ctx = self._awaiting = self._send_value = self._out_value = None
-        self._send_exc = self._step_ctx = None
+        self._send_exc = self._step_ctx = self._driver_token = None
         self._out_kind = OUT_NONE
+        self._serial = 0
         return self
 
     # --- the step, on the event loop's side --------------------------------
 
-    def _step(self, value: Any, exc: BaseException | None) -> tuple[bool, Any]:
-        """Run one step: (False, trap) if the wrapped code yielded, (True,
-        value) if it returned; its exceptions propagate."""
-        if self._running:
-            raise ValueError("coroutine already executing")
-        if self._finished:
-            raise RuntimeError("cannot reuse already awaited coroutine")
-        if self._resume is not None and self._worker_token is not _state.token:
-            # Suspended mid-step in a thread state that is gone (see _core):
-            # switching back into it would crash, in greenlet.
-            self._abandon()
-            raise RuntimeError(ORPHANED_AWAIT_ERROR)
-        depth = _state.depth
-        if depth >= _nesting_limit():
-            raise RecursionError(STACK_EXHAUSTED_ERROR)
-        self._started = True
-        current = greenlet.getcurrent()
-        self._outer = current
-        ctx = current.gr_context  # the running greenlet's: the current context
-        if self._resume is None:
-            self._take_worker(ctx)
-        elif ctx is not self._last_ctx:
-            self._follow_context(ctx)
-        self._send_value, self._send_exc, self._out_kind = value, exc, OUT_NONE
-        self._step_ctx = ctx
-        previous, _state.active = _state.active, self
-        self._running = True
-        resume = self._resume
-        assert resume is not None
-        _state.depth = depth + 1
-        try:
-            resume.switch()
-        finally:
-            _state.depth = depth
-            self._step_ctx = None
-            self._running = False
-            _state.active = previous
-        if self._out_kind == OUT_YIELD:
-            if self._resume is None:  # a native await: the worker is idle
-                self._park(self._worker, self._last_ctx)
-                self._worker = None
-            out, self._out_value = self._out_value, None
-            return False, out
-        kind, out = self._out_kind, self._out_value
-        self._out_value = None
-        self._finish()
+    def _step(
+        self, value: Any = None, exc: BaseException | None = None, throw_args: Any = None
+    ) -> Any:
+        """Run one step, with `value` sent or `exc` (or the exception that
+        `throw_args` describe) thrown in: return what the wrapped code
+        yielded, raise StopIteration(value) if it returned, or raise its
+        exception. Until a step suspends, it is send() and __next__() itself
+        (see below), so that no frame of greenback's runs after it."""
+        self._serial += 1  # first, before any call (see _step_driver)
+        while True:
+            # An exception from a signal handler at any point of this loop
+            # is thrown into the wrapped code by the next round, as if it had
+            # been raised where that code is suspended: where the compiled
+            # core would deliver it. (At this method's first bytecode, it is
+            # _step_driver that catches it.)
+            try:
+                if throw_args is not None:
+                    exc = exception_from_throw_args(*throw_args)
+                    throw_args = None
+                if self._running:
+                    raise ValueError("coroutine already executing")
+                if self._finished:
+                    raise RuntimeError("cannot reuse already awaited coroutine")
+                if self._resume is not None and self._worker_token is not _state.token:
+                    # Suspended mid-step in a thread state that is gone (see
+                    # _core): switching back into it would crash, in greenlet.
+                    self._abandon()
+                    raise RuntimeError(ORPHANED_AWAIT_ERROR)
+                depth = _state.depth
+                if depth >= _nesting_limit():
+                    raise RecursionError(STACK_EXHAUSTED_ERROR)
+                self._started = True
+                current = greenlet.getcurrent()
+                self._outer = current
+                ctx = current.gr_context  # the running greenlet's: the current context
+                if self._resume is None:
+                    self._take_worker(ctx)
+                elif ctx is not self._last_ctx:
+                    self._follow_context(ctx)
+                worker = self._worker
+                assert worker is not None
+                if worker.parent is not current:
+                    # A worker that dies returns to its parent: make that this
+                    # step, and not whichever greenlet created the worker.
+                    try:
+                        worker.parent = current
+                    except ValueError:  # another thread's worker: switch() says so
+                        pass
+                self._send_value, self._send_exc, self._out_kind = value, exc, OUT_NONE
+                self._step_ctx = ctx
+                previous = _state.active
+                resume = self._resume
+                assert resume is not None
+                # The stores that start and end the step sit in runs with no
+                # call among them, where no signal handler runs.
+                try:
+                    _state.active = self
+                    _state.depth = depth + 1
+                    self._running = True
+                    resume.switch()
+                except BaseException:
+                    self._running = False
+                    _state.active = previous
+                    _state.depth = depth
+                    self._step_ctx = None
+                    self._send_value = self._send_exc = None
+                    if worker.dead:
+                        # Killed by an exception that nothing in it could
+                        # catch (a signal handler's, in its except clause or
+                        # bottom frame): the wrapped code is as before the step.
+                        self._worker = self._resume = None
+                    # Otherwise the switch failed (another thread's worker), or
+                    # a signal handler raised as the step came back, with its
+                    # outcome recorded: the portal is consistent as it stands.
+                    raise
+                self._running = False
+                _state.active = previous
+                _state.depth = depth
+                self._step_ctx = None
+                kind = self._out_kind
+                if kind == OUT_YIELD:
+                    if self._resume is None:  # a native await: the worker is idle
+                        self._worker = None
+                        self._park(worker, self._last_ctx)
+                    # Code is suspended: the next step comes in through a
+                    # generator (see _step_driver). The token goes first:
+                    # replacing the entries frees the previous driver, which
+                    # must know it's no longer the portal's.
+                    token = object()
+                    driver = _step_driver(weakref.ref(self), token)
+                    next(driver)
+                    self._driver_token = token
+                    self._send_entry = driver.send
+                    self._next_entry = driver.__next__
+                    self._throw_entry = driver.throw
+                    out, self._out_value = self._out_value, None
+                    return out
+                out = self._out_value
+                self._out_value = None
+                self._finish()
+                break
+            except BaseException as error:
+                if self._finished or self._running or not _from_signal_handler(error):
+                    raise
+                if throw_args is not None or not isinstance(exc, GeneratorExit):
+                    exc = error  # (close() wins)
+                value, throw_args = _INTERRUPTION, None
         if kind == OUT_RETURN:
-            return True, out
+            raise StopIteration(out)
         if kind == OUT_RAISE:
             if self._mode == MODE_SYNC and isinstance(out, StopIteration):
                 raise RuntimeError("with_portal_run_sync() function raised StopIteration") from out
@@ -380,11 +587,13 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
             worker, held = parked.pop()
         else:
             worker, held = greenlet.greenlet(_worker_entry), None
-        self._worker = self._resume = worker
-        self._worker_token = _state.token
         if held is not ctx:
             worker.gr_context = ctx
+        # Attached last, in stores with no call between them: a signal
+        # handler that raises before here only loses an idle worker.
         self._last_ctx = ctx
+        self._worker_token = _state.token
+        self._worker = self._resume = worker
 
     def _follow_context(self, ctx: contextvars.Context | None) -> None:
         # Follow a changed task context unless the worker entered one itself.
@@ -403,12 +612,14 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
             if glet is not None and glet not in _abandoned:
                 _abandoned.append(glet)
         self._finished = True
+        self._retire_driver()
         self._worker = self._resume = self._outer = self._last_ctx = None
         self._coro = self._awaiting = self._fn = self._args = self._kwargs = None
         self._send_value = self._send_exc = None
 
     def _finish(self) -> None:
         self._finished = True
+        self._retire_driver()
         worker, ctx = self._worker, self._last_ctx
         self._worker = self._resume = self._outer = self._last_ctx = None
         self._coro = self._awaiting = None
@@ -433,20 +644,37 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
     def __iter__(self) -> Portal:
         return self
 
-    def __next__(self) -> Any:
-        return self.send(None)
+    def _throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        return self._step(None, None, (typ, val, tb))
 
-    def send(self, value: Any) -> Any:
-        done, out = self._step(value, None)
-        if done:
-            raise StopIteration(out)
-        return out
+    def _retire_driver(self) -> None:
+        # Plain stores only: the driver, no longer the portal's, ignores its
+        # own close() when it is freed (see _step_driver).
+        self._driver_token = None
+        self._send_entry = self._next_entry = self._throw_entry = _cannot_reuse
 
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        done, out = self._step(None, exception_from_throw_args(typ, val, tb))
-        if done:
-            raise StopIteration(out)
-        return out
+    # send(), __next__() and throw() are found through C callables alone
+    # (property and attrgetter): first the methods below, which are the step
+    # itself with no frame around it (a signal handler's exception in a
+    # wrapper, after the step came back, would lose what it yielded); once
+    # a step has suspended, the driver's methods. The class-level defaults
+    # give a fresh bound method each time, so the portal holds no cycle.
+    _send_entry: Callable[..., Any] = _step
+    _next_entry: Callable[..., Any] = _step
+    _throw_entry: Callable[..., Any] = _throw
+    if TYPE_CHECKING:
+
+        @property
+        def send(self) -> Callable[[Any], Any]: ...
+        @property
+        def __next__(self) -> Callable[[], Any]: ...
+        @property
+        def throw(self) -> Callable[..., Any]: ...
+
+    else:
+        send = property(attrgetter("_send_entry"))
+        __next__ = property(attrgetter("_next_entry"))
+        throw = property(attrgetter("_throw_entry"))
 
     def close(self) -> None:
         if self._running:
@@ -469,11 +697,10 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
             self._abandon()
             return
         try:
-            done, _ = self._step(None, GeneratorExit())
+            self._step(None, GeneratorExit())
         except (GeneratorExit, StopIteration):
             return
-        if not done:
-            raise RuntimeError("coroutine ignored GeneratorExit")
+        raise RuntimeError("coroutine ignored GeneratorExit")
 
     def __del__(self) -> None:
         if getattr(self, "_finished", True):
@@ -565,13 +792,72 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         if self._resume is not None:
             raise RuntimeError("cannot detach a portal while await_() is suspended in it")
         self._finished = True
+        self._retire_driver()
         self._coro = self._last_ctx = None
+
+
+def _cannot_reuse(*args: object) -> Any:
+    raise RuntimeError("cannot reuse already awaited coroutine")
+
+
+def _step_driver(portal_ref: weakref.ref[Portal], token: object) -> Generator[Any, Any, Any]:
+    """The portal's send(), __next__() and throw() for the step after a
+    suspension (each suspension makes a new one; a generator can't loop back
+    to its yield without a jump where a signal handler may raise outside
+    any try). A method would start with a bytecode where a handler's
+    exception leaves before any try can catch it: the task would fail and
+    the portal's code stay suspended. This generator is resumed instead, at
+    a `yield` inside its try, and takes the step from there. A handler's
+    exception before the step begins (told by the portal's step serial), or
+    after it came back from a suspension, is thrown into the portal's code,
+    as _step does with one raised during the step. The portal is held
+    weakly: a dropped portal must still be freed, and unwind its code,
+    promptly."""
+    exc: BaseException | None = None
+    first = True
+    try:
+        value = yield
+    except BaseException as thrown:
+        value, exc = None, thrown
+    while True:
+        portal = None
+        serial = -1
+        try:
+            portal = portal_ref()
+            if portal is None or (first and portal._driver_token is not token):
+                # This driver is not the portal's (any more): it is being
+                # closed as it is freed. (While a step is being taken, its
+                # caller holds the portal.)
+                return None
+            first = False
+            serial = portal._serial
+            out = portal._step(value, exc)
+            break
+        except StopIteration as stop:
+            return stop.value
+        except BaseException as error:
+            if (
+                portal is not None
+                and serial >= 0
+                and portal._serial != serial
+                and (portal._finished or portal._running or not _from_signal_handler(error))
+            ):
+                raise  # the step's own outcome
+            if not isinstance(exc, GeneratorExit):  # (close() wins)
+                exc = error
+            value = _INTERRUPTION
+        finally:
+            del portal
+    yield out  # the step's; the driver made for the next step takes over
 
 
 def _greenlet_usable() -> bool:
     try:
         greenlet.getcurrent()
-    except Exception:  # "greenlet is being finalized", at interpreter exit
+    except Exception as error:  # "greenlet is being finalized", at interpreter exit
+        tb = error.__traceback__
+        if tb is not None and tb.tb_next is not None:
+            raise  # raised by Python code: a signal handler's, not greenlet's
         return False
     return True
 
@@ -601,9 +887,20 @@ def _usable_portal(current: greenlet.greenlet) -> Portal | None:
         task_ctx = _tasks.current_task_context()
     except LookupError:  # an unknown asyncio C Task layout
         return portal
-    except Exception:
+    except Exception as error:
+        if not _raised_in(error, _tasks.current_task_context):
+            raise  # by a signal handler, in this frame: not an answer
         return None
     return portal if task_ctx is portal._step_ctx else None
+
+
+def _raised_in(error: BaseException, fn: Callable[..., Any]) -> bool:
+    """Whether `error` came out of a call of the Python function `fn` made by
+    the frame catching it, rather than from a signal handler that ran in that
+    frame just after the call returned."""
+    tb = error.__traceback__
+    caller = tb.tb_next if tb is not None else None
+    return caller is not None and caller.tb_frame.f_code is getattr(fn, "__code__", None)
 
 
 def in_active_portal() -> bool:
@@ -612,40 +909,46 @@ def in_active_portal() -> bool:
 
 def await_(aw: Awaitable[T]) -> T:
     """Run an awaitable from synchronous code and return its result."""
-    current = greenlet.getcurrent()
-    portal = _usable_portal(current)
-    if portal is None:
-        try:
-            raise _tasks.no_portal_error_here(Portal)
-        finally:
-            del current
+    try:
+        current = greenlet.getcurrent()
+        portal = _usable_portal(current)
+        if portal is None:
+            try:
+                raise _tasks.no_portal_error_here(Portal)
+            finally:
+                del current
+                if isinstance(aw, collections.abc.Coroutine):
+                    aw.close()
+        refusal = None
+        if _state.collecting:
+            refusal = IN_GC_ERROR
+        elif not _descends_from(current, portal._worker):
+            refusal = FOREIGN_GREENLET_ERROR
+        del current
+        if refusal is None and _state.depth >= _nesting_limit():
+            refusal = STACK_EXHAUSTED_ERROR
+        if refusal is not None:
             if isinstance(aw, collections.abc.Coroutine):
                 aw.close()
-    refusal = None
-    if _state.collecting:
-        refusal = IN_GC_ERROR
-    elif not _descends_from(current, portal._worker):
-        refusal = FOREIGN_GREENLET_ERROR
-    del current
-    if refusal is None and _state.depth >= _nesting_limit():
-        refusal = STACK_EXHAUSTED_ERROR
-    if refusal is not None:
-        if isinstance(aw, collections.abc.Coroutine):
-            aw.close()
-        if refusal is STACK_EXHAUSTED_ERROR:
-            raise RecursionError(refusal)
-        raise RuntimeError(refusal)
+            if refusal is STACK_EXHAUSTED_ERROR:
+                raise RecursionError(refusal)
+            raise RuntimeError(refusal)
+    except BaseException as error:
+        current = portal = None  # type: ignore[assignment]  # (see below)
+        if _from_signal_handler(error) and isinstance(aw, collections.abc.Coroutine):
+            aw.close()  # as a refusal does: no "never awaited" warning
+        raise
     # This frame must hold neither the portal nor a greenlet whenever user
     # code runs or an exception may leave it: a traceback keeps the frame
     # alive, and a dropped task's portal must still be freed and finalized.
     del portal
-    it = _awaitable_iter(aw)
-    # One level deeper until the `finally` below restores it.
-    depth = _state.depth = _state.depth + 1
+    it: Any = None
     detached = False
     value: Any = None
     exc: BaseException | None = None
+    depth = _state.depth = _state.depth + 1  # this await_'s level (restored below)
     try:
+        it = _awaitable_iter(aw)
         while True:
             _state.depth = depth  # also after being resumed by a later step
             # Inlined (not _send_or_throw) so that an error from the awaited
@@ -667,23 +970,43 @@ def await_(aw: Awaitable[T]) -> T:
             except StopIteration as stop:
                 result: T = stop.value
                 return result
-            finally:
+            except BaseException as error:
                 value = exc = None
+                if detached or not _interrupted(error, it):
+                    raise
+                # A signal handler's, just after `it` yielded: throw it in, as
+                # if it had been raised where `it` is suspended.
+                exc = error
+                continue
+            value = exc = None
             if detached:
                 it.close()
                 raise RuntimeError("greenback.await_() lost its portal")
             # Hand the trap to the step that resumed us, and wait to be resumed.
+            # (No call among the stores: a signal handler may raise after one.)
+            me = greenlet.getcurrent()
             portal = _state.active
             assert portal is not None
             portal._out_value, portal._out_kind = out, OUT_YIELD
-            portal._resume, portal._awaiting = greenlet.getcurrent(), it
+            portal._resume, portal._awaiting = me, it
             outer = portal._outer
-            del portal, out
+            del portal, out, me
             assert outer is not None
             try:
                 outer.switch()
-            except BaseException as thrown:  # GreenletExit when this greenlet dies
-                detached, exc = True, thrown
+            except BaseException as thrown:
+                # GreenletExit when this greenlet dies; or an exception from a
+                # signal handler, raised just as a step of our portal resumed us,
+                # which takes the place of what that step brought.
+                exc = thrown
+                portal = _state.active
+                if portal is not None and portal._resume is greenlet.getcurrent():
+                    if isinstance(portal._send_exc, GeneratorExit):  # close() wins
+                        exc = portal._send_exc
+                    portal._send_value = portal._send_exc = portal._awaiting = None
+                else:
+                    detached = True
+                del portal
                 continue
             finally:
                 del outer
@@ -692,6 +1015,17 @@ def await_(aw: Awaitable[T]) -> T:
             value, exc = portal._send_value, portal._send_exc
             portal._send_value = portal._send_exc = portal._awaiting = None
             del portal
+    except BaseException as escaping:
+        target: Any = aw if it is None else it
+        if _interrupted(escaping, target):
+            # A signal handler's exception is leaving while `it` is
+            # suspended, where it could not be thrown in: unwind `it` now, in
+            # its task's step, not whenever it happens to be collected.
+            try:
+                target.close()
+            except Exception:
+                pass
+        raise
     finally:
         _state.depth = depth - 1
 

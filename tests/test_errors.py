@@ -51,7 +51,7 @@ def tb_names(exc: BaseException) -> list[str]:
 # The pure-Python twin's portal shows its own coroutine-protocol frames when
 # an exception leaves it (as upstream greenback does); the compiled core's
 # tracebacks show none of its internals.
-PURE_SHIM_FRAMES = {"send", "__next__", "throw", "_step"}
+PURE_SHIM_FRAMES = {"_step", "_step_driver"}  # the pure twin's step (see _purepy)
 
 
 def greenback_frames(exc: BaseException) -> list[str]:

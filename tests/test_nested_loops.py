@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import os
 import subprocess
@@ -842,3 +843,50 @@ def test_task_context_is_the_context_each_step_runs_in(any_lib: Lib) -> None:
 
     any_lib.run(main)
     assert _tasks.current_task_context() is None  # outside any task
+
+
+def test_interrupt_during_the_task_lookup_is_not_taken_for_no_portal(
+    lib: Lib, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a context other than its step's, await_() looks the running task
+    up. A KeyboardInterrupt raised during that lookup (by a signal handler)
+    is the program's: it must propagate from await_(), has_portal() and
+    ensure_portal(), not be read as "no portal here", and await_() must
+    still close the coroutine it was given."""
+    import greenback._tasks as tasks
+
+    real_lookup = tasks.current_task_context
+    armed = [False]
+
+    def interrupted_lookup() -> contextvars.Context | None:
+        if armed[0]:
+            raise KeyboardInterrupt
+        return real_lookup()
+
+    monkeypatch.setattr(tasks, "current_task_context", interrupted_lookup)
+    seen: list[str] = []
+
+    async def child() -> None:
+        await lib.checkpoint()
+
+    def in_other_context(call: Callable[[], object], tag: str) -> None:
+        armed[0] = True
+        try:
+            contextvars.copy_context().run(call)
+        except KeyboardInterrupt:
+            seen.append(tag)
+        finally:
+            armed[0] = False
+
+    async def main() -> None:
+        await greenback.ensure_portal()
+        coro = child()
+        in_other_context(lambda: greenback.await_(coro), "await_")
+        assert inspect.getcoroutinestate(coro) == "CORO_CLOSED"  # not left to warn
+        in_other_context(greenback.has_portal, "has_portal")
+        # Unarmed, the same escape works, and the portal still serves the task.
+        assert contextvars.copy_context().run(greenback.await_, child()) is None
+        assert greenback.await_(child()) is None
+
+    lib.run(main)
+    assert seen == ["await_", "has_portal"]
