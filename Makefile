@@ -8,7 +8,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.deps-installed
-SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi) setup.py pyproject.toml
+SOURCES := $(wildcard greenback/*.py greenback/*.pyx greenback/*.pxd greenback/*.pyi greenback/*.h) setup.py pyproject.toml
 
 UPSTREAM_VENV ?= .venv-upstream
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)

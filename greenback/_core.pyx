@@ -1328,7 +1328,10 @@ cdef bint _descends_from(PyObject* g, PyObject* ancestor) noexcept:
 # `aw` if it is a coroutine, so that Python does not warn that it was never
 # awaited. They never raise: an error on the way is the exception to raise.
 
-cdef object _no_portal_error(object aw):
+def _no_portal_error(aw):
+    # A Python-level function, not a cdef one, so that the C compiler can't
+    # inline it: its frame (about 180 bytes) would join _await's, and with it
+    # every level of nested await_() calls (see _stack_guard.h).
     try:
         try:
             exc = _tasks.no_portal_error_here(Portal)

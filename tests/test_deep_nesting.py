@@ -6,8 +6,11 @@ one more portal step in a new worker greenlet, which starts below the
 caller's C stack. Python 3.10 and 3.11 do not guard C recursion, so with the
 recursion limit raised (as recursive programs do) deep nesting would run off
 the end of the thread's stack; the compiled core checks the room left at
-every await_() and every portal step. Each program runs in a subprocess,
-since the failure this guards against is a crash.
+every await_() and every portal step. Python 3.12 and 3.13 count C calls
+instead; the compiled core stops before that count runs out, since 3.13
+corrupts memory when it runs out as await_() starts a coroutine. Each
+program runs in a subprocess, since the failure this guards against is a
+crash.
 """
 
 from __future__ import annotations
@@ -70,14 +73,17 @@ def run_program(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("library", ["asyncio", "trio"])
-@pytest.mark.parametrize("depth", [2_000, 10_000, 30_000])
+@pytest.mark.parametrize("depth", [300, 2_000, 10_000, 30_000])
 def test_deep_nesting_works_or_raises_recursion_error(depth: int, library: str) -> None:
     proc = run_program(NEST_PROGRAM, str(depth), library, "main")
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcome, after = proc.stdout.splitlines()
     assert after == "after leaf"
-    if depth == 2_000:
-        assert outcome == "ok leaf"  # well within any stack
+    # CPython 3.12 allows only 1,500 nested C calls, about 500 levels here
+    # (upstream greenback stops there too); 2,000 levels fit every other
+    # version's stack and limits.
+    if depth == 300 or (depth == 2_000 and sys.version_info[:2] != (3, 12)):
+        assert outcome == "ok leaf"
     else:
         assert outcome in ("ok leaf", "RecursionError")
 
