@@ -1338,3 +1338,50 @@ def test_interpreter_exit_with_portal_tasks_in_more_states(scenario: str) -> Non
         timeout=60,
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "exiting\n", "")
+
+
+_UNCAUGHT_AT_EXIT = """
+    async def forever():
+        await asyncio.sleep(1000)
+
+    def sync_part():
+        greenback.await_(forever())
+
+    async def task_portal():
+        await greenback.ensure_portal()
+        sync_part()
+
+    async def main():
+        global tasks
+        tasks = [asyncio.ensure_future(greenback.with_portal_run_sync(sync_part)) for _ in range(3)]
+        tasks += [asyncio.ensure_future(task_portal()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(main())
+    loop.close()
+    if sys.argv[1] == "cancel-after-close":
+        tasks[0].cancel()  # RuntimeError: Event loop is closed
+    raise KeyError("the program's own error")
+"""
+
+
+@pytest.mark.parametrize("how", ["cancel-after-close", "error-after-close"])
+def test_uncaught_error_with_portal_tasks_alive_prints_only_that_error(how: str) -> None:
+    """Tasks suspended in await_() (under with_portal_run_sync and under
+    ensure_portal) outlive their closed loop until interpreter exit, where
+    their portals are finalized while greenlet shuts down: stderr holds the
+    program's traceback and nothing from greenback."""
+    script = _PRELUDE + textwrap.dedent(_UNCAUGHT_AT_EXIT)
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", script, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    last = "RuntimeError: Event loop is closed" if how == "cancel-after-close" else (
+        "KeyError: \"the program's own error\"")
+    assert proc.stderr.rstrip().endswith(last), proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr
+    assert "Exception ignored" not in proc.stderr and "greenback" not in proc.stderr, proc.stderr
