@@ -144,7 +144,7 @@ test-soak: install
 wheels:
 	scripts/wheels.sh $(WHEEL_PYTHONS)
 
-# The same, with a quick subset of the suite (CI runs this).
+# The same, with a quick subset of the suite.
 wheels-smoke:
 	scripts/wheels.sh --smoke $(WHEEL_PYTHONS)
 
