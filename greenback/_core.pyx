@@ -44,6 +44,7 @@ from greenback._greenlet cimport (
     PyGreenlet_GetCurrent,
     PyGreenlet_GetParent,
     PyGreenlet_New,
+    PyGreenlet_SetParent,
     PyGreenlet_Switch,
     import_greenlet,
 )
@@ -68,7 +69,7 @@ from greenback._errors import (
     exception_from_throw_args as _exception_from_throw_args,
 )
 from greenback import _tasks
-from greenback._worker import run_worker
+from greenback._worker import make_worker_class, real_parent, run_worker
 
 import_greenlet()
 
@@ -448,12 +449,25 @@ atexit.register(_release_parked_workers)
 
 def _new_worker():
     # A fresh greenlet costs ~10 us (it maps a new frame-stack block), hence
-    # the pool. Its parent is the current greenlet; that only matters if the
-    # worker is ever killed, when control goes back there.
+    # the pool. Each step makes itself the worker's parent (see _set_parent).
     if gb_thread_pool() == NULL:
         pool = _thread_state.pool = _WorkerPool()
         gb_set_thread_pool(<PyObject*>pool)
-    return greenlet.greenlet(_worker_entry)
+    return _Worker(_worker_entry)
+
+
+cdef int _set_parent(PyObject* worker, PyObject* step) noexcept:
+    """Make the greenlet running a step the parent of its worker: a worker
+    that dies hands its exception there, not to whichever greenlet happened
+    to create it. 0, or -1 with an exception set."""
+    cdef PyGreenlet* parent = PyGreenlet_GetParent(<PyGreenlet*>worker)
+    if parent != NULL:
+        Py_DECREF(<object>parent)
+        if <PyObject*>parent == step:
+            return 0
+    elif PyErr_Occurred():
+        return -1
+    return PyGreenlet_SetParent(<PyGreenlet*>worker, <PyGreenlet*>step)
 
 
 cdef void _park(object worker, PyObject* ctx) noexcept:
@@ -610,6 +624,8 @@ cdef class Portal:
             return -1
         if <PyObject*>self.outer != r:
             self.outer = <object>r
+            if self.resume is not None and _set_parent(<PyObject*>self.worker, r) < 0:
+                return -1
         ctx = gb_current_context()
         if ctx == NULL:
             ctx = <PyObject*>None
@@ -719,6 +735,8 @@ cdef class Portal:
         self.resume = self.worker
         if held != ctx and PyObject_SetAttr(
                 <PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+            return -1
+        if _set_parent(<PyObject*>self.worker, <PyObject*>self.outer) < 0:
             return -1
         self.last_ctx = <object>ctx
         self.worker_tstate = gb_tstate_id()
@@ -1296,6 +1314,77 @@ _await_def.ml_doc = (
     "synchronous code inside a portal's step, suspending the step whenever "
     "*aw* yields to the event loop.")
 await_ = PyCFunction_NewEx(&_await_def, NULL, <PyObject*>__name__)
+
+cdef extern from *:
+    """
+    /* What `await` accepts: an object whose type has __await__ (coroutines,
+       futures, ...), or a generator-based coroutine (types.coroutine). */
+    static int gb_is_awaitable(PyObject *o) {
+        PyAsyncMethods *am = Py_TYPE(o)->tp_as_async;
+        if (am != NULL && am->am_await != NULL)
+            return 1;
+        if (!PyGen_CheckExact(o))
+            return 0;
+        PyObject *code = PyObject_GetAttrString(o, "gi_code");
+        if (code == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        int flags = ((PyCodeObject *)code)->co_flags;
+        Py_DECREF(code);
+        return (flags & CO_ITERABLE_COROUTINE) != 0;
+    }
+    """
+    int gb_is_awaitable(PyObject* o)
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _ParentView:
+    """What a worker greenlet's `parent` attribute returns: its real parent,
+    except that switch(awaitable) called from inside the worker awaits it
+    with await_() (the greenlet provider protocol; see greenback._worker).
+    Every other use is passed on to the real parent."""
+
+    cdef object worker
+
+    def __cinit__(self, worker):
+        self.worker = worker
+
+    def switch(self, *args, **kwargs):
+        cdef PyObject* r
+        cdef PyObject* me = _current_greenlet()
+        if me == NULL:
+            gb_propagate()
+        if (len(args) == 1 and not kwargs and me == <PyObject*>self.worker
+                and gb_is_awaitable(<PyObject*>args[0])):
+            r = _await(NULL, <PyObject*>args[0])
+            if r == NULL:
+                gb_propagate()
+            result = <object>r
+            Py_DECREF(result)
+            return result
+        return self.real().switch(*args, **kwargs)
+
+    def real(self):
+        parent = real_parent(self.worker)
+        if parent is None:
+            raise ValueError("this greenlet has no parent")
+        return parent
+
+    def __bool__(self):
+        return real_parent(self.worker) is not None
+
+    def __getattr__(self, name):
+        return getattr(self.real(), name)
+
+    def __repr__(self):
+        return f"<greenback worker's view of its parent {real_parent(self.worker)!r}>"
+
+
+# Worker greenlets: greenlet providers whose awaits go through await_ (see
+# greenback._worker).
+_Worker = make_worker_class(_ParentView)
 
 
 cdef PyObject* _raise(object exc) noexcept:

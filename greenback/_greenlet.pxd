@@ -18,6 +18,7 @@ cdef extern from "greenlet/greenlet.h":
     PyGreenlet* PyGreenlet_GetCurrent()
     PyGreenlet* PyGreenlet_New(PyObject* run, PyGreenlet* parent)
     PyObject* PyGreenlet_Switch(PyGreenlet* g, PyObject* args, PyObject* kwargs)
+    int PyGreenlet_SetParent(PyGreenlet* g, PyGreenlet* nparent)
     PyGreenlet* PyGreenlet_GetParent(PyGreenlet* g)
     int PyGreenlet_ACTIVE(PyGreenlet* g)
     int PyGreenlet_STARTED(PyGreenlet* g)

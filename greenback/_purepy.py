@@ -76,7 +76,7 @@ from ._errors import (
     TASK_LAYOUT_ERROR,
     exception_from_throw_args,
 )
-from ._worker import run_worker
+from ._worker import make_worker_class, real_parent, run_worker
 
 T = TypeVar("T")
 
@@ -504,7 +504,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
                     self._follow_context(ctx)
                 worker = self._worker
                 assert worker is not None
-                if worker.parent is not current:
+                if real_parent(worker) is not current:
                     # A worker that dies returns to its parent: make that this
                     # step, and not whichever greenlet created the worker.
                     try:
@@ -586,7 +586,7 @@ class Portal(collections.abc.Coroutine):  # type: ignore[type-arg]
         if parked:
             worker, held = parked.pop()
         else:
-            worker, held = greenlet.greenlet(_worker_entry), None
+            worker, held = _Worker(_worker_entry), None
         if held is not ctx:
             worker.gr_context = ctx
         # Attached last, in stores with no call between them: a signal
@@ -1106,3 +1106,54 @@ def set_c_task_coro(task: object, old_coro: object, new_coro: object) -> None:
     slot.value = id(new_coro)
     ctypes.pythonapi.Py_DecRef(ctypes.py_object(old_coro))
 
+
+
+def _is_awaitable(obj: object) -> bool:
+    # What `await` accepts: an object with __await__, or a generator-based
+    # coroutine (types.coroutine).
+    if hasattr(type(obj), "__await__"):
+        return True
+    code = getattr(obj, "gi_code", None)
+    return code is not None and bool(code.co_flags & inspect.CO_ITERABLE_COROUTINE)
+
+
+class _ParentView:
+    """What a worker greenlet's `parent` attribute returns: its real parent,
+    except that switch(awaitable) called from inside the worker awaits it
+    with await_() (the greenlet provider protocol; see greenback._worker).
+    Every other use is passed on to the real parent."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: greenlet.greenlet) -> None:
+        self._worker = worker
+
+    def switch(self, *args: Any, **kwargs: Any) -> Any:
+        if (
+            len(args) == 1
+            and not kwargs
+            and greenlet.getcurrent() is self._worker
+            and _is_awaitable(args[0])
+        ):
+            return await_(args[0])
+        return self.real().switch(*args, **kwargs)
+
+    def real(self) -> greenlet.greenlet:
+        parent = real_parent(self._worker)
+        if parent is None:
+            raise ValueError("this greenlet has no parent")
+        return parent
+
+    def __bool__(self) -> bool:
+        return real_parent(self._worker) is not None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __repr__(self) -> str:
+        return f"<greenback worker's view of its parent {real_parent(self._worker)!r}>"
+
+
+# Worker greenlets: greenlet providers whose awaits go through await_ (see
+# greenback._worker).
+_Worker = make_worker_class(_ParentView)

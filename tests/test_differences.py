@@ -16,6 +16,7 @@ from typing import Any, Generator
 import pytest
 import sniffio
 import trio
+from awaitlet import awaitlet
 
 import greenback
 import greenback._core
@@ -155,6 +156,21 @@ def test_tree_portals_work_on_asyncio() -> None:
         return await greenback.with_portal_run_tree(subsystem)
 
     assert asyncio.run(main()) == "child has a portal"
+
+
+def test_awaitlet_works_under_a_portal(lib: Lib) -> None:
+    """Upstream's portals raise awaitlet's NoAwaitletContext (and
+    SQLAlchemy's MissingGreenlet) here: its greenlets are no providers."""
+
+    async def value() -> str:
+        await lib.checkpoint()
+        return "awaited through the provider protocol"
+
+    async def main() -> str:
+        await greenback.ensure_portal()
+        return awaitlet(value())
+
+    assert lib.run(main) == "awaited through the provider protocol"
 
 
 def test_tracebacks_show_no_portal_internals(lib: Lib) -> None:

@@ -40,3 +40,12 @@ def test_replace_nest_asyncio_example() -> None:
         "page 2: Grace, Barbara, Ada",
         "portal outside the subsystem: False",
     ]
+
+
+def test_sqlalchemy_sync_code_example() -> None:
+    out = run_example("sqlalchemy_sync_code.py")
+    assert out.splitlines() == [
+        "Ursula: Lathe, Tehanu",
+        "books: 2",
+        "one-shot portal: Ursula: Lathe, Tehanu",
+    ]

@@ -1,0 +1,13 @@
+# The part of awaitlet's API that greenback's tests use (awaitlet ships no
+# type information).
+from typing import Any, Awaitable, Callable, TypeVar
+
+_T = TypeVar("_T")
+
+class NoAwaitletContext(Exception): ...
+class NoAwaitOccurred(Exception): ...
+
+def awaitlet(awaitable: Awaitable[_T]) -> _T: ...
+async def async_def(
+    fn: Callable[..., _T], *args: Any, assert_await_occurs: bool = ..., **kwargs: Any
+) -> _T: ...
