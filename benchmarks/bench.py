@@ -41,6 +41,10 @@ class Op:
     title: str
     per: int  # timed units per iteration (e.g. 10 inner yields)
     iterations: int
+    # Rows that only this package can run (upstream has no such feature), on
+    # these loops only (None: all).
+    ours_only: bool = False
+    libraries: tuple[str, ...] | None = None
 
 
 OPS = [
@@ -53,6 +57,11 @@ OPS = [
     Op("task_plain", "7a task doing one checkpoint", 1, 4_000),
     Op("task_portal", "7b task doing ensure_portal()", 1, 4_000),
     Op("await_ten", "8 await_ of a coroutine yielding 10 times, per yield", 10, 2_000),
+    Op("awaitlet", "9 awaitlet(checkpoint()) inside a portal", 1, 20_000, ours_only=True),
+    Op("lazy_load", "10a SQLAlchemy lazy load, sync code under a portal", 1, 1_000,
+       ours_only=True, libraries=("asyncio", "uvloop")),
+    Op("run_sync_load", "10b the same load in AsyncSession.run_sync()", 1, 1_000,
+       ours_only=True, libraries=("asyncio", "uvloop")),
 ]
 
 
@@ -151,7 +160,7 @@ def make_ops(library: str) -> dict[str, Callable[[int], Awaitable[float]]]:
     async def await_ten(n: int) -> float:
         return await greenback.with_portal_run(await_ten_loop, n)
 
-    return {
+    ops: dict[str, Callable[[int], Awaitable[float]]] = {
         "bare": bare,
         "in_portal": in_portal,
         "await_": await_in_portal,
@@ -162,18 +171,107 @@ def make_ops(library: str) -> dict[str, Callable[[int], Awaitable[float]]]:
         "task_portal": task_portal,
         "await_ten": await_ten,
     }
+    if hasattr(greenback, "__implementation__"):  # this package, not upstream
+        ops.update(ours_only_ops(library, checkpoint))
+    return ops
+
+
+def ours_only_ops(
+    library: str, checkpoint: Callable[[], Awaitable[None]]
+) -> dict[str, Callable[[int], Awaitable[float]]]:
+    """Rows for what only this package does: the greenlet provider protocol
+    of awaitlet and of SQLAlchemy's async ORM."""
+    import greenback
+    from awaitlet import awaitlet
+
+    def awaitlet_loop(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            awaitlet(checkpoint())
+        return time.perf_counter() - start
+
+    async def awaitlet_in_portal(n: int) -> float:
+        return await greenback.with_portal_run_sync(awaitlet_loop, n)
+
+    ops: dict[str, Callable[[int], Awaitable[float]]] = {"awaitlet": awaitlet_in_portal}
+    if library == "trio":
+        return ops  # SQLAlchemy's drivers are asyncio-only
+    from sqlalchemy import ForeignKey, Integer
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+    from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, relationship
+
+    # Unannotated columns: this module's annotations are strings, which
+    # SQLAlchemy can't resolve for classes defined inside a function.
+    class Base(DeclarativeBase):
+        pass
+
+    class Parent(Base):
+        __tablename__ = "parent"
+        id = mapped_column(Integer, primary_key=True)
+        children = relationship("Child")
+
+    class Child(Base):
+        __tablename__ = "child"
+        id = mapped_column(Integer, primary_key=True)
+        parent_id = mapped_column(ForeignKey("parent.id"))
+
+    def load(session: Session | AsyncSession, parent: Parent) -> int:
+        session.expire(parent, ["children"])
+        return len(parent.children)  # the lazy load
+
+    async def with_parent(n: int, body: Callable[[AsyncSession, Parent, int], Awaitable[float]]) -> float:
+        engine = create_async_engine("sqlite+aiosqlite:///:memory:")
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.create_all)
+            async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+                parent = Parent(id=1, children=[Child(id=1), Child(id=2)])
+                session.add(parent)
+                await session.commit()
+                return await body(session, parent, n)
+        finally:
+            await engine.dispose()
+
+    def lazy_loads(session: AsyncSession, parent: Parent, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            load(session, parent)
+        return time.perf_counter() - start
+
+    async def lazy_load(n: int) -> float:
+        async def body(session: AsyncSession, parent: Parent, n: int) -> float:
+            return await greenback.with_portal_run_sync(lazy_loads, session, parent, n)
+
+        return await with_parent(n, body)
+
+    async def run_sync_load(n: int) -> float:
+        async def body(session: AsyncSession, parent: Parent, n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                await session.run_sync(load, parent)
+            return time.perf_counter() - start
+
+        return await with_parent(n, body)
+
+    ops.update(lazy_load=lazy_load, run_sync_load=run_sync_load)
+    return ops
 
 
 def run_worker(library: str, rounds: int, scale: float = 1.0) -> dict[str, list[float]]:
     """Every operation, round-robin, `rounds` times after one warm-up round,
     each `iterations * scale` times. Returns microseconds per timed unit, per
     round."""
-    results: dict[str, list[float]] = {op.key: [] for op in OPS}
+    results: dict[str, list[float]] = {}
 
     async def main() -> None:
         ops = make_ops(library)
+        for op in OPS:
+            if op.key in ops and (op.libraries is None or library in op.libraries):
+                results[op.key] = []
         for round_no in range(rounds + 1):
             for op in OPS:
+                if op.key not in results:
+                    continue
                 iterations = max(1, int(op.iterations * scale))
                 # Start every operation from the same collector state, so
                 # that a collection the previous one provoked isn't billed here.
@@ -217,6 +315,7 @@ TARGETS: dict[str, tuple[str, float, float]] = {
     "sync_portal_await": ("upstream", 0.35, 0.35),
     "task_portal": ("task_plain", 1.6, 1.6),
     "await_ten": ("in_portal", 1.1, 1.1),
+    "awaitlet": ("await_", 1.15, 1.15),
 }
 
 
@@ -254,7 +353,7 @@ def collect(
                 for key, values in samples.items():
                     per_impl[impl][key].extend(values)
                 for op, (base, _, _) in TARGETS.items():
-                    if base != "upstream":
+                    if base != "upstream" and op in samples and base in samples:
                         per_impl[f"{impl}_ratio"].setdefault(op, []).extend(
                             ratio_samples(samples, op, base)
                         )
@@ -266,17 +365,21 @@ def summarize(data: dict[str, dict[str, dict[str, list[float]]]]) -> list[dict[s
     rows = []
     for library, per_impl in data.items():
         for op in OPS:
+            if not per_impl["ours"].get(op.key):
+                continue  # not run on this loop
             ours = statistics.median(per_impl["ours"][op.key])
-            upstream = statistics.median(per_impl["upstream"][op.key])
+            upstream_samples = per_impl["upstream"].get(op.key)
+            upstream = statistics.median(upstream_samples) if upstream_samples else None
             row: dict[str, Any] = {
                 "library": library,
                 "op": op.title,
                 "key": op.key,
                 "ours_us": ours,
                 "upstream_us": upstream,
-                "ours_vs_upstream": ours / upstream,
+                "ours_vs_upstream": None if upstream is None else ours / upstream,
                 "ours_vs_bare": ours / statistics.median(per_impl["ours"]["bare"]),
-                "upstream_vs_bare": upstream / statistics.median(per_impl["upstream"]["bare"]),
+                "upstream_vs_bare": None if upstream is None else (
+                    upstream / statistics.median(per_impl["upstream"]["bare"])),
             }
             # The targets are set for asyncio and Trio; uvloop is shown for
             # reference (its bare checkpoint is about half of asyncio's, so
@@ -285,6 +388,7 @@ def summarize(data: dict[str, dict[str, dict[str, list[float]]]]) -> list[dict[s
                 base, limit_aio, limit_trio = TARGETS[op.key]
                 limit = limit_trio if library == "trio" else limit_aio
                 if base == "upstream":
+                    assert upstream is not None
                     measured = ours / upstream
                     against = "upstream"
                 else:
@@ -304,10 +408,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         target = row.get("target", "")
         measured = f"{row['measured']:.2f}x" if "measured" in row else ""
         met = ("yes" if row["met"] else "**no**") if "met" in row else ""
+        upstream = "n/a" if row["upstream_us"] is None else f"{row['upstream_us']:.3f}"
+        vs_upstream = "" if row["ours_vs_upstream"] is None else f"{row['ours_vs_upstream']:.2f}x"
+        upstream_vs_bare = "" if row["upstream_vs_bare"] is None else f"{row['upstream_vs_bare']:.2f}x"
         lines.append(
-            f"| {row['library']} | {row['op']} | {row['ours_us']:.3f} | {row['upstream_us']:.3f} "
-            f"| {row['ours_vs_upstream']:.2f}x | {row['ours_vs_bare']:.2f}x "
-            f"| {row['upstream_vs_bare']:.2f}x | {target} | {measured} | {met} |"
+            f"| {row['library']} | {row['op']} | {row['ours_us']:.3f} | {upstream} "
+            f"| {vs_upstream} | {row['ours_vs_bare']:.2f}x "
+            f"| {upstream_vs_bare} | {target} | {measured} | {met} |"
         )
     return "\n".join(lines)
 
@@ -331,15 +438,13 @@ def draw_chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     libraries = sorted({row["library"] for row in rows}, key=["asyncio", "trio", "uvloop"].index)
-    titles = [op.title for op in OPS if op.key != "bare"]
+    compared = [op for op in OPS if op.key != "bare" and not op.ours_only]
+    titles = [op.title for op in compared]
     width = 0.8 / len(libraries)
     fig, ax = plt.subplots(figsize=(11, 5.5))
     for i, library in enumerate(libraries):
-        values = [
-            row["ours_vs_upstream"]
-            for row in rows
-            if row["library"] == library and row["key"] != "bare"
-        ]
+        by_key = {row["key"]: row for row in rows if row["library"] == library}
+        values = [by_key[op.key]["ours_vs_upstream"] for op in compared]
         positions = [x + i * width for x in range(len(titles))]
         ax.bar(positions, values, width, label=library)
     ax.axhline(1.0, color="black", linewidth=0.8)
