@@ -1373,7 +1373,7 @@ cdef class _ParentView:
         return parent
 
     def __bool__(self):
-        return real_parent(self.worker) is not None
+        return True  # a worker is never a thread's main greenlet, the one without a parent
 
     def __getattr__(self, name):
         return getattr(self.real(), name)

@@ -1145,7 +1145,7 @@ class _ParentView:
         return parent
 
     def __bool__(self) -> bool:
-        return real_parent(self._worker) is not None
+        return True  # a worker is never a thread's main greenlet, the one without a parent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real(), name)
