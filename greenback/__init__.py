@@ -2,6 +2,18 @@
 
 ``await greenback.ensure_portal()`` once in a task; after that, any plain
 function below it can call ``greenback.await_(some_coroutine())``.
+
+The other ways to get a portal: ``bestow_portal(task)`` gives one to
+another task, ``with_portal_run(async_fn, ...)`` and
+``with_portal_run_sync(sync_fn, ...)`` give one for a single call, and
+``with_portal_run_tree``, ``portals_for_tree``, ``portals_for_children`` and
+``AutoPortalInstrument`` give portals to the tasks that a piece of code
+spawns (the first two to that code's own task as well).
+``has_portal()`` tells whether ``await_`` would work. The adapters
+``autoawait``, ``decorate_as_sync``, ``async_context`` and ``async_iter``
+fit async functions, decorators, context managers and iterators into
+synchronous code. ``__implementation__`` says whether the compiled core or
+its pure-Python twin is running.
 """
 
 from typing import Any

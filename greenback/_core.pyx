@@ -67,8 +67,9 @@ from greenback._errors import (
     ORPHANED_AWAIT_ERROR as _ORPHANED_AWAIT_ERROR,
     TASK_LAYOUT_ERROR as _TASK_LAYOUT_ERROR,
     exception_from_throw_args as _exception_from_throw_args,
+    task_layout_unknown_error as _task_layout_unknown_error,
 )
-from greenback import _tasks
+from greenback import _task_layout, _tasks
 from greenback._worker import make_worker_class, real_parent, run_worker
 
 import_greenlet()
@@ -91,7 +92,8 @@ cdef extern from *:
     static GB_THREAD_LOCAL int gb_collecting = 0;
 
     /* The thread's current contextvars.Context (borrowed, may be NULL).  There
-       is no public getter that does not copy it. */
+       is no public getter that does not copy it; the field is in the public
+       struct _ts (Include/cpython/pystate.h) from 3.10 through 3.14. */
     static inline PyObject *gb_current_context(void) {
         return PyThreadState_Get()->context;
     }
@@ -1487,36 +1489,51 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---------------------------------------------------------------------------
 # asyncio's C Task keeps its coroutine in a field that Python cannot assign.
+# Which field it is, and whether it is safe to write, is decided once by
+# greenback._task_layout (shared with the pure-Python twin); nothing is
+# written unless that positively identified the field.
 # ---------------------------------------------------------------------------
 
 cdef Py_ssize_t _c_task_coro_offset = -1
 
 
+def _forget_c_task_coro_offset():
+    """Look for the C Task's coroutine field again at the next swap (tests)."""
+    global _c_task_coro_offset
+    _c_task_coro_offset = -1
+
+
+cdef list _c_task_words(object task, Py_ssize_t size):
+    # Only the base type's own bytes: every _asyncio.Task instance has them.
+    cdef PyObject** words = <PyObject**><PyObject*>task
+    cdef Py_ssize_t i
+    return [<size_t>words[i] for i in range(size // <Py_ssize_t>sizeof(PyObject*))]
+
+
 def set_c_task_coro(task, old_coro, new_coro):
     """Replace the coroutine of an asyncio C ``Task`` (``_asyncio.Task``).
 
-    The field's offset is found once, by looking for the pointer to a task's
-    known coroutine, and checked again before every write: if it does not
-    hold *old_coro*, nothing is written and RuntimeError is raised.
+    The field is identified once (see greenback._task_layout), and checked
+    again before every write: if it does not hold *old_coro*, nothing is
+    written and RuntimeError is raised.
     """
     global _c_task_coro_offset
     cdef char* base = <char*><PyObject*>task
     cdef PyObject** slot
-    cdef Py_ssize_t off, found = -1, size
-    if _c_task_coro_offset < 0:
-        import _asyncio
-        if not isinstance(task, _asyncio.Task):
-            raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
-        size = (<object>_asyncio.Task).__basicsize__
-        for off in range(sizeof(PyObject), size - sizeof(PyObject*) + 1, sizeof(PyObject*)):
-            if (<PyObject**>(base + off))[0] == <PyObject*>old_coro:
-                if found >= 0:
-                    raise RuntimeError(_TASK_LAYOUT_ERROR)
-                found = off
-        if found < 0:
-            raise RuntimeError(_TASK_LAYOUT_ERROR)
-        _c_task_coro_offset = found
-    slot = <PyObject**>(base + _c_task_coro_offset)
+    cdef Py_ssize_t off = _c_task_coro_offset
+    cdef Py_ssize_t size, word = sizeof(PyObject*)
+    # Every call: the offset is only meaningful inside a C Task.
+    if _c_task_type is type(None) or not isinstance(task, _c_task_type):
+        raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
+    if off < 0:
+        size = (<object>_c_task_type).__basicsize__
+        off = _task_layout.find_coro_offset(task, old_coro, _c_task_words(task, size), word)
+        # Whatever decided it, never touch memory outside the base struct.
+        if off < <Py_ssize_t>sizeof(PyObject) or off > size - word or off % word:
+            raise RuntimeError(_task_layout_unknown_error(
+                f"the coroutine field was placed at byte {off} of {size}"))
+        _c_task_coro_offset = off
+    slot = <PyObject**>(base + off)
     if slot[0] != <PyObject*>old_coro:
         raise RuntimeError(_TASK_LAYOUT_ERROR)
     Py_INCREF(new_coro)

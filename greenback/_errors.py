@@ -3,6 +3,7 @@ errors, and how a coroutine's throw() turns its arguments into one exception."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 IN_GC_ERROR = (
@@ -35,12 +36,39 @@ STACK_EXHAUSTED_ERROR = (
     "the nesting depth"
 )
 
+TREE_LEFT_ELSEWHERE_ERROR = (
+    "greenback.portals_for_tree() was left by a different task from the one "
+    "that entered it, and the entering task is still running, so the portal "
+    "the block gave that task can't be taken back here. Enter and leave the "
+    "block in one task; for a scope that a framework enters and leaves in "
+    "different tasks (pytest-asyncio does so with async fixtures), use "
+    "'with greenback.portals_for_children():', which gives portals to the "
+    "tasks started inside it."
+)
+
 TASK_LAYOUT_ERROR = (
     "greenback could not find where this asyncio.Task stores its coroutine, "
     "so it cannot give the task a portal. Use a task created by "
     "asyncio.create_task() or loop.create_task(), or run the code with "
     "'await greenback.with_portal_run(...)' instead."
 )
+
+
+def task_layout_unknown_error(reason: str) -> str:
+    """The message for an asyncio C Task whose coroutine field greenback
+    could not positively identify; *reason* says which check failed."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"greenback cannot give this asyncio task a portal on Python {version}: "
+        f"{reason}. greenback replaces the coroutine inside asyncio's C Task "
+        "only where it recognises the task's memory layout, so it changed "
+        "nothing. Upgrade greenback to a release that supports this Python "
+        "version. Until then, 'await greenback.with_portal_run_sync(fn, ...)' "
+        "and 'await greenback.with_portal_run(async_fn, ...)' still work, as "
+        "they need no such change, and so do Trio tasks and pure-Python "
+        "asyncio tasks. (GREENBACK_NO_EXTENSIONS=1 does not help: the "
+        "pure-Python implementation has to change the same field.)"
+    )
 
 
 def no_portal_error(library: str, bestowed_this_step: bool) -> RuntimeError:

@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Generator
 import greenlet
 import sniffio
 
-from . import _tasks
+from . import _task_layout, _tasks
 from ._errors import (
     FOREIGN_GREENLET_ERROR,
     IN_GC_ERROR,
@@ -75,6 +75,7 @@ from ._errors import (
     STACK_EXHAUSTED_ERROR,
     TASK_LAYOUT_ERROR,
     exception_from_throw_args,
+    task_layout_unknown_error,
 )
 from ._worker import make_worker_class, real_parent, run_worker
 
@@ -908,7 +909,11 @@ def in_active_portal() -> bool:
 
 
 def await_(aw: Awaitable[T]) -> T:
-    """Run an awaitable from synchronous code and return its result."""
+    """Await *aw* from synchronous code, and return its result.
+
+    greenback._portal gives this function greenback.await_'s full
+    documentation.
+    """
     try:
         current = greenlet.getcurrent()
         portal = _usable_portal(current)
@@ -1077,35 +1082,50 @@ def _install_in_asyncio_task(task: asyncio.Task[Any]) -> None:
 
 
 # --- asyncio's C Task --------------------------------------------------------------
+# Pure Python can only reach the field with ctypes. Which field it is, and
+# whether it is safe to write, is decided once by greenback._task_layout
+# (shared with the compiled core); nothing is written unless that positively
+# identified the field.
 
 _c_task_coro_offset: int | None = None
 
+
+def _forget_c_task_coro_offset() -> None:
+    """Look for the C Task's coroutine field again at the next swap (tests)."""
+    global _c_task_coro_offset
+    _c_task_coro_offset = None
+
+
 def set_c_task_coro(task: object, old_coro: object, new_coro: object) -> None:
-    """Replace the coroutine of an asyncio C Task. Pure Python can only do
-    this with ctypes: find the field once, check it before every write."""
+    """Replace the coroutine of an asyncio C Task: the field is identified
+    once, and checked again before every write."""
     global _c_task_coro_offset
     import ctypes
 
-    word = ctypes.sizeof(ctypes.c_void_p)
-    if _c_task_coro_offset is None:
-        try:
-            from _asyncio import Task as CTask
-        except ImportError:
-            raise RuntimeError(TASK_LAYOUT_ERROR) from None
-        if not isinstance(task, CTask):
-            raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
-        words = (ctypes.c_void_p * (CTask.__basicsize__ // word)).from_address(id(task))
-        found = [i * word for i in range(2, len(words)) if words[i] == id(old_coro)]
-        if len(found) != 1:
-            raise RuntimeError(TASK_LAYOUT_ERROR)
-        _c_task_coro_offset = found[0]
-    slot = ctypes.c_void_p.from_address(id(task) + _c_task_coro_offset)
+    # Every call: the offset is only meaningful inside a C Task.
+    if not _tasks.C_TASK_TYPES or not isinstance(task, _tasks.C_TASK_TYPES):
+        raise TypeError(f"expected an _asyncio.Task, got {type(task).__name__}")
+    offset = _c_task_coro_offset
+    if offset is None:
+        word = ctypes.sizeof(ctypes.c_void_p)
+        size = _tasks.C_TASK_TYPES[0].__basicsize__
+        raw = (ctypes.c_void_p * (size // word)).from_address(id(task))
+        words = [value or 0 for value in raw]  # ctypes reads NULL as None
+        offset = _task_layout.find_coro_offset(task, old_coro, words, word)
+        # Whatever decided it, never touch memory outside the base struct.
+        if offset < object.__basicsize__ or offset > size - word or offset % word:
+            raise RuntimeError(
+                task_layout_unknown_error(
+                    f"the coroutine field was placed at byte {offset} of {size}"
+                )
+            )
+        _c_task_coro_offset = offset
+    slot = ctypes.c_void_p.from_address(id(task) + offset)
     if slot.value != id(old_coro):
         raise RuntimeError(TASK_LAYOUT_ERROR)
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(new_coro))
     slot.value = id(new_coro)
     ctypes.pythonapi.Py_DecRef(ctypes.py_object(old_coro))
-
 
 
 def _is_awaitable(obj: object) -> bool:

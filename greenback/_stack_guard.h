@@ -16,6 +16,12 @@
  * the coroutine it awaits, CPython 3.13 corrupts memory (the process then
  * crashes at exit), so the guard also stops while a few levels' worth of
  * that count are left.
+ *
+ * Python 3.14 dropped that count (PyThreadState.c_recursion_remaining) and
+ * checks the stack pointer against limits of its own instead. Its bounds may
+ * differ from ours (another platform call, or a guess where there is none),
+ * so the guard also stops a few of its margins before CPython's own limit:
+ * the interpreter's error must never be the one that fires inside a switch.
  */
 #ifndef GREENBACK_STACK_GUARD_H
 #define GREENBACK_STACK_GUARD_H
@@ -82,11 +88,22 @@ static Py_ssize_t gb_stack_room(void) {
    about 3, more if its sync code recurses through C). */
 #define GB_C_RECURSION_MARGIN 64
 
+/* On 3.14+, CPython's own stack margins kept in hand above its limit: 64 KiB
+   on 64-bit release builds, many nesting levels' worth, yet small enough for
+   threads with small stacks. */
+#define GB_CPYTHON_STACK_MARGINS 4
+
 /* 0 if there is room to nest once more, or -1 with RecursionError set. */
 static inline int gb_check_stack(void) {
 #if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030E0000
     if (gb_stack_room() >= 0
             && PyThreadState_GET()->c_recursion_remaining >= GB_C_RECURSION_MARGIN)
+        return 0;
+#elif PY_VERSION_HEX >= 0x030E0000
+    /* Declared by CPython 3.14's public headers for its trashcan macros. */
+    if (gb_stack_room() >= 0
+            && !_Py_ReachedRecursionLimitWithMargin(PyThreadState_GET(),
+                                                    GB_CPYTHON_STACK_MARGINS))
         return 0;
 #else
     if (gb_stack_room() >= 0)

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, ContextManager, Iterator
 
 from . import _tasks
+from ._errors import TREE_LEFT_ELSEWHERE_ERROR
 from ._select import impl
 from ._portal import P, T, set_coro, with_portal_run
 
@@ -24,13 +25,60 @@ from ._portal import P, T, set_coro, with_portal_run
 async def with_portal_run_tree(
     async_fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwds: P.kwargs
 ) -> T:
-    """Execute ``await async_fn(*args, **kwds)`` so that :func:`await_` works
-    both in *async_fn* and in every task spawned inside it, recursively: on
-    Trio the children of nurseries opened inside *async_fn*, on asyncio the
-    tasks that *async_fn* and its descendants create while the call runs.
+    """Await ``async_fn(*args, **kwds)`` with portals for it and every task it starts.
 
-    ``trio.run(greenback.with_portal_run_tree, main)`` gives a whole run
-    (system tasks aside) portals. Adds no checkpoint of its own.
+    *async_fn* runs as under :func:`with_portal_run`: with the task's own
+    portal if it has one, otherwise with one for this call only. In addition,
+    while the call runs, new tasks started inside it get portals for their
+    whole lives, and so do the tasks that those start, at any depth. Which
+    tasks count as "started inside" depends on the library:
+
+    * Trio: the tasks spawned into nurseries that are opened inside the call,
+      by the calling task or by any task that got its portal this way. A task
+      spawned into a nursery that was already open when the call began gets
+      none, even when code inside the call spawns it, since it may outlive
+      the call.
+    * asyncio (also uvloop, and anyio on asyncio): the tasks created from code
+      that runs inside the call, through ``asyncio.create_task``,
+      ``loop.create_task``, ``asyncio.TaskGroup``, ``asyncio.gather`` or anyio
+      task groups. A task that outlives the call keeps its portal, but the
+      tasks it creates after the call has returned get none.
+
+    ``trio.run(greenback.with_portal_run_tree, main)`` or
+    ``asyncio.run(greenback.with_portal_run_tree(main))`` gives a whole
+    program portals; on Trio that leaves out only Trio's own system tasks (see
+    :class:`AutoPortalInstrument`). The mechanism is that of
+    :func:`portals_for_children`.
+
+    Checkpoints: none of its own, on either library; the task yields and can
+    be cancelled only where *async_fn* does.
+
+    :param async_fn: an async function, or any callable that returns an
+        awaitable.
+    :param args: positional arguments for *async_fn*.
+    :param kwds: keyword arguments for *async_fn*.
+    :returns: the result of awaiting ``async_fn(*args, **kwds)``.
+    :raises TypeError: if *async_fn* returns something that cannot be awaited.
+    :raises RuntimeError: if the running async library is neither asyncio nor
+        Trio.
+
+    Whatever *async_fn* raises, cancellation included, propagates unchanged.
+
+    Example: every worker that the subsystem spawns can use :func:`await_`.
+
+    >>> def sync_work(n):
+    ...     greenback.await_(trio.sleep(0))
+    ...     return n * 10
+    >>> async def worker(n, results):
+    ...     results.append(sync_work(n))
+    >>> async def subsystem():
+    ...     results = []
+    ...     async with trio.open_nursery() as nursery:
+    ...         for n in range(3):
+    ...             nursery.start_soon(worker, n, results)
+    ...     return sorted(results)
+    >>> trio.run(greenback.with_portal_run_tree, subsystem)
+    [0, 10, 20]
     """
     with portals_for_children():
         return await with_portal_run(async_fn, *args, **kwds)
@@ -38,14 +86,47 @@ async def with_portal_run_tree(
 
 @contextmanager
 def portals_for_children() -> Iterator[None]:
-    """A synchronous context manager that gives portals to the child tasks
-    started inside it (and to their children), but not to the task that
-    enters it.
+    """Give portals to tasks started in a ``with`` block, but not to its own task.
 
-    On Trio these are the children of nurseries opened inside the block; a
-    nursery that encloses the block gets none, even for the same parent
-    task. On asyncio these are the tasks created inside the block, by
-    ``create_task``, ``TaskGroup``, ``gather`` or anyio task groups.
+    Inside the block, new tasks get portals for their whole lives, and so do
+    the tasks they start. On Trio these are the tasks spawned into nurseries
+    opened inside the block (a nursery that encloses the block gives its new
+    tasks none, even those spawned from inside the block). On asyncio they are
+    the tasks created inside the block, and the tasks that those create while
+    the block is active, by any of the means listed under
+    :func:`with_portal_run_tree`. The task that enters the block gets no
+    portal, which is what lets this context manager be synchronous; use
+    :func:`portals_for_tree` when that task needs :func:`await_` as well.
+
+    Blocks may nest, and several tasks may have blocks open at once. On Trio
+    they share one :class:`AutoPortalInstrument`, added to the run when the
+    first block opens and removed when the last one closes, so task spawning
+    costs nothing extra the rest of the time. asyncio has no instruments;
+    there the blocks share a task factory that is chained in front of the
+    loop's own factory and put back when the last block closes. A task factory
+    that the program installs while a block is open replaces greenback's, and
+    tasks created after that get no portals.
+
+    Checkpoints: none; entering and leaving never yield to the event loop, so
+    the block can be opened in synchronous code that runs in a task.
+
+    :returns: a synchronous context manager; ``with`` binds None.
+    :raises sniffio.AsyncLibraryNotFoundError: on entering, if no supported
+        event loop is running this code (for example, in an asyncio callback
+        outside any task).
+    :raises RuntimeError: on entering, if the running async library is neither
+        asyncio nor Trio.
+
+    Example:
+
+    >>> async def child():
+    ...     return greenback.await_(asyncio.sleep(0, "child can await_"))
+    >>> async def main():
+    ...     with greenback.portals_for_children():
+    ...         result = await asyncio.create_task(child())
+    ...     return result, greenback.has_portal()
+    >>> asyncio.run(main())
+    ('child can await_', False)
     """
     with _children_scope(_tasks.current_library()):
         yield
@@ -57,13 +138,47 @@ def _children_scope(library: str) -> ContextManager[None]:
 
 @asynccontextmanager
 async def portals_for_tree() -> AsyncIterator[None]:
-    """An async context manager that gives the entering task a portal for the
-    duration of the block, and portals to the tasks started inside it (see
-    :func:`portals_for_children`).
+    """Give portals to the task running an ``async with`` block and its new tasks.
 
-    Entering and leaving are each a schedule point but not a cancellation
-    point. After the block the task's portal is removed again, unless it
-    had one before.
+    Within the block the entering task can use :func:`await_`: it is given a
+    portal unless it has one already. Tasks started inside the block get
+    portals for their whole lives, exactly as with
+    :func:`portals_for_children`. On leaving, a portal that the block gave the
+    task is taken away again, even if :func:`ensure_portal` was called inside
+    the block; a task that had a portal before the block keeps it. The block
+    belongs to the task that enters it: if another task leaves it (as when
+    pytest-asyncio finalizes an async fixture), that is fine once the
+    entering task has finished, and an error while it still runs.
+
+    Checkpoints: entering and leaving are each a schedule point (other tasks
+    may run) but not a cancellation point. On Trio a pending cancellation is
+    left for the task's next checkpoint. On asyncio, a ``cancel()`` that
+    arrives at one of these schedule points is not lost: it is requested again,
+    so the task's next ``await`` raises ``asyncio.CancelledError``. When even a
+    schedule point is unwanted, use :func:`with_portal_run_tree`.
+
+    :returns: an asynchronous context manager; ``async with`` binds None.
+    :raises sniffio.AsyncLibraryNotFoundError: on entering, if no supported
+        event loop is running this code.
+    :raises RuntimeError: on entering, if the running async library is neither
+        asyncio nor Trio; or, on asyncio, if greenback cannot replace the
+        task's coroutine, as described under :func:`ensure_portal`. On
+        leaving, if a task other than the entering one leaves the block
+        while the entering task still runs.
+
+    Example:
+
+    >>> async def child(found):
+    ...     found.append(greenback.has_portal())
+    >>> async def main():
+    ...     found = []
+    ...     async with greenback.portals_for_tree():
+    ...         found.append(greenback.has_portal())
+    ...         async with trio.open_nursery() as nursery:
+    ...             nursery.start_soon(child, found)
+    ...     return found, greenback.has_portal()
+    >>> trio.run(main)
+    ([True, True], False)
     """
     library = _tasks.current_library()
     with _children_scope(library):
@@ -79,7 +194,14 @@ async def portals_for_tree() -> AsyncIterator[None]:
         try:
             yield
         finally:
-            if portal is not None and _tasks.get_coro(task) is portal:
+            if _tasks.current_task_of(library) is not task:
+                # Left by another task: an async generator (a pytest-asyncio
+                # fixture) finalized elsewhere. A finished entering task
+                # needs no portal taken back; a running one can't be reached.
+                if not (isinstance(task, asyncio.Task) and task.done()):
+                    raise RuntimeError(TREE_LEFT_ELSEWHERE_ERROR)
+                await _schedule_point(library)
+            elif portal is not None and _tasks.get_coro(task) is portal:
                 # The loop resumes the original coroutine from the next step
                 # on; once that has happened, the portal is idle and can go.
                 set_coro(task, portal, coro)

@@ -19,14 +19,44 @@ def instrument_holder() -> trio.lowlevel.RunVar[AutoPortalInstrument | None]:
 
 
 class AutoPortalInstrument(trio.abc.Instrument):
-    """A Trio instrument that gives newly spawned tasks a portal where
-    appropriate.
+    """A Trio instrument that gives portals to tasks as they are spawned.
 
-    The tree functions (:func:`with_portal_run_tree`, :func:`portals_for_tree`,
-    :func:`portals_for_children`) add one to the run themselves, share it, and
-    remove it when the last of them ends. Passed to
-    ``trio.run(..., instruments=[AutoPortalInstrument()])``, it gives every
-    task of the run a portal, system tasks included.
+    Passed to ``trio.run()``, as in
+    ``trio.run(main, instruments=[greenback.AutoPortalInstrument()])``, it
+    gives every task of the run a portal for its whole life: the main task,
+    Trio's system tasks, and everything they spawn. So it also covers the
+    system tasks, which :func:`with_portal_run_tree` leaves out. It works
+    from the start of the run; added later with
+    ``trio.lowlevel.add_instrument()``, it does nothing on its own.
+
+    The tree functions (:func:`with_portal_run_tree`,
+    :func:`portals_for_tree`, :func:`portals_for_children`) rely on an
+    instance of this class, which they manage themselves: one instance per
+    run, shared by all their scopes, added when the first scope begins and
+    removed when the last one ends (or, if one was passed to ``trio.run()``,
+    that one is used). Only code that wants portals for the whole run needs
+    to create one.
+
+    This class is for Trio only: it subclasses ``trio.abc.Instrument``, so the
+    first use of ``greenback.AutoPortalInstrument`` imports Trio, which
+    greenback otherwise leaves unimported in asyncio programs. asyncio has no
+    instruments; there the tree functions use a task factory instead.
+
+    The constructor takes no arguments. Checkpoints do not apply: Trio calls
+    the instrument's hooks itself.
+
+    Example:
+
+    >>> async def record(found):
+    ...     found.append(greenback.has_portal())
+    >>> async def main():
+    ...     found = [greenback.has_portal()]
+    ...     trio.lowlevel.spawn_system_task(record, found)
+    ...     async with trio.open_nursery() as nursery:
+    ...         nursery.start_soon(record, found)
+    ...     return found
+    >>> trio.run(main, instruments=[greenback.AutoPortalInstrument()])
+    [True, True, True]
     """
 
     def __init__(self) -> None:

@@ -536,6 +536,56 @@ def test_unsupported_library() -> None:
 # --------------------------------------------------------------------------
 
 
+async def _tree_scope_generator() -> Any:
+    # The shape of a pytest-asyncio fixture: an async generator whose setup
+    # and teardown each run in a task of their own, in one copied context.
+    async with greenback.portals_for_tree():
+        yield
+
+
+def test_portals_for_tree_left_by_another_task_after_the_entering_one_ended() -> None:
+    """Left by another task once the entering task is done: nothing to take
+    back, so leaving works, and the scope's task factory goes away."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        agen, ctx = _tree_scope_generator(), contextvars.copy_context()
+        await loop.create_task(agen.__anext__(), context=ctx)
+        child = loop.create_task(asyncio.sleep(0, "x"), context=ctx)
+        assert greenback.has_portal(child)
+        await child
+        with pytest.raises(StopAsyncIteration):
+            await loop.create_task(agen.__anext__(), context=ctx)
+        assert loop.get_task_factory() is None
+
+    asyncio.run(main())
+
+
+def test_portals_for_tree_left_by_another_task_while_the_entering_one_runs() -> None:
+    """Left by another task while the entering task still runs: the portal
+    can't be taken back there, and the error says what to use instead."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        agen, ctx = _tree_scope_generator(), contextvars.copy_context()
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def enter_and_keep_running() -> None:
+            await agen.__anext__()
+            entered.set()
+            await release.wait()
+
+        entering = loop.create_task(enter_and_keep_running(), context=ctx)
+        await entered.wait()
+        with pytest.raises(RuntimeError, match="portals_for_children"):
+            await loop.create_task(agen.__anext__(), context=ctx)
+        assert loop.get_task_factory() is None
+        release.set()
+        await entering
+
+    asyncio.run(main())
+
+
 def test_portals_for_tree(any_lib: Lib) -> None:
     seen: dict[str, bool] = {}
 
