@@ -295,7 +295,13 @@ def _asyncio_children_scope() -> Iterator[None]:
         yield
     finally:
         scope.active = False
-        _current_scope.reset(token)
+        try:
+            _current_scope.reset(token)
+        except ValueError:
+            # Left in another context than it was entered in (pytest-asyncio
+            # on Python 3.10 finalizes async fixtures that way): the scope is
+            # already inactive, so just stop naming it here either.
+            _current_scope.set(scope.enclosing)
         factory.users -= 1
         # Put the previous factory back when the last scope leaves, unless
         # the program installed another factory meanwhile.

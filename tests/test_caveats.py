@@ -350,10 +350,19 @@ def test_pytest_asyncio_fixture_portals(tmp_path: Path) -> None:
 
     proc = _run(["-m", "pytest", "-p", "asyncio", "-p", "no:cacheprovider",
                  "-c", "pytest.ini", "-q"], tmp_path)
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # the error below
+    # The sync fixture's error below (and on 3.10 a teardown error).
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     fixtures = "test_fixtures.py::test_"
     loops = "test_loop_scopes.py::test_"
+    if sys.version_info < (3, 11):
+        # Without create_task(context=), pytest-asyncio's teardown of the
+        # tree-scope fixture runs where the setup task can't be recognised as
+        # finished; greenback refuses with its own message, as documented.
+        teardown = outcomes.pop(f"{fixtures}tree_scope_opened_in_a_fixture teardown")
+        assert teardown.startswith(
+            "failed: RuntimeError: greenback.portals_for_tree() was left by a different task"
+        ), teardown
     assert outcomes == {
         f"{fixtures}portal_made_in_a_fixture call": "passed",
         f"{fixtures}portal_made_in_the_test call": "passed",

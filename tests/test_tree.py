@@ -543,6 +543,14 @@ async def _tree_scope_generator() -> Any:
         yield
 
 
+def _create_task_in(ctx: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    if sys.version_info >= (3, 11):
+        return asyncio.get_running_loop().create_task(coro, context=ctx)
+    # 3.10 has no context= argument: the task runs in a copy of ctx, which is
+    # how pytest-asyncio's fixtures run there.
+    return ctx.run(asyncio.create_task, coro)
+
+
 def test_portals_for_tree_left_by_another_task_after_the_entering_one_ended() -> None:
     """Left by another task once the entering task is done: nothing to take
     back, so leaving works, and the scope's task factory goes away."""
@@ -550,12 +558,13 @@ def test_portals_for_tree_left_by_another_task_after_the_entering_one_ended() ->
     async def main() -> None:
         loop = asyncio.get_running_loop()
         agen, ctx = _tree_scope_generator(), contextvars.copy_context()
-        await loop.create_task(agen.__anext__(), context=ctx)
-        child = loop.create_task(asyncio.sleep(0, "x"), context=ctx)
-        assert greenback.has_portal(child)
-        await child
+        await _create_task_in(ctx, agen.__anext__())
+        if sys.version_info >= (3, 11):
+            child = _create_task_in(ctx, asyncio.sleep(0, "x"))
+            assert greenback.has_portal(child)
+            await child
         with pytest.raises(StopAsyncIteration):
-            await loop.create_task(agen.__anext__(), context=ctx)
+            await _create_task_in(ctx, agen.__anext__())
         assert loop.get_task_factory() is None
 
     asyncio.run(main())
@@ -575,13 +584,29 @@ def test_portals_for_tree_left_by_another_task_while_the_entering_one_runs() -> 
             entered.set()
             await release.wait()
 
-        entering = loop.create_task(enter_and_keep_running(), context=ctx)
+        entering = _create_task_in(ctx, enter_and_keep_running())
         await entered.wait()
         with pytest.raises(RuntimeError, match="portals_for_children"):
-            await loop.create_task(agen.__anext__(), context=ctx)
+            await _create_task_in(ctx, agen.__anext__())
         assert loop.get_task_factory() is None
         release.set()
         await entering
+
+    asyncio.run(main())
+
+
+def test_portals_for_children_left_in_another_context() -> None:
+    """Entered in one copy of a context and left in another (pytest-asyncio
+    does this on 3.10): leaving still works and takes the factory away."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        scope = greenback.portals_for_children()
+        contextvars.copy_context().run(scope.__enter__)
+        assert loop.get_task_factory() is not None
+        contextvars.copy_context().run(scope.__exit__, None, None, None)
+        assert loop.get_task_factory() is None
+        assert not greenback.has_portal(asyncio.create_task(asyncio.sleep(0)))
 
     asyncio.run(main())
 
