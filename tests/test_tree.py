@@ -546,9 +546,10 @@ async def _tree_scope_generator() -> Any:
 def _create_task_in(ctx: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     if sys.version_info >= (3, 11):
         return asyncio.get_running_loop().create_task(coro, context=ctx)
-    # 3.10 has no context= argument: the task runs in a copy of ctx, which is
-    # how pytest-asyncio's fixtures run there.
-    return ctx.run(asyncio.create_task, coro)
+    else:
+        # 3.10 has no context= argument: the task runs in a copy of ctx,
+        # which is how pytest-asyncio's fixtures run there.
+        return ctx.run(asyncio.create_task, coro)
 
 
 def test_portals_for_tree_left_by_another_task_after_the_entering_one_ended() -> None:
