@@ -355,6 +355,7 @@ class Storm:
     sender = None
     armed = False
     left = 0
+    misses = 0
     rng = random.Random(0)
     raised = 0
     sites = {}
@@ -406,7 +407,15 @@ def rearm(soon=False):
         if soon:
             os.write(Storm.sender.stdin.fileno(), b"x")
         return
-    delay = 0.00002 if soon else Storm.rng.uniform(0.0001, 0.003)
+    if soon:
+        # Back off while signals keep landing out of reach (in the event
+        # loop's own teardown, say): a handler slower than the timer, as
+        # under ASan on a busy machine, would otherwise starve that code.
+        Storm.misses += 1
+        delay = min(0.00002 * 2 ** min(Storm.misses, 8), 0.003)
+    else:
+        Storm.misses = 0
+        delay = Storm.rng.uniform(0.0001, 0.003)
     signal.setitimer(signal.ITIMER_REAL, delay)
 
 
