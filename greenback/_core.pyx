@@ -308,6 +308,7 @@ cdef extern from *:
         const char* ml_doc
     int METH_O, METH_VARARGS, METH_NOARGS
     ctypedef struct PyTypeObject
+    int PyContextVar_Get(object var, PyObject* default_value, PyObject** value) except -1
     int gb_install_coroutine_slots(PyTypeObject* tp, iternextfunc next,
                                    sendfunc am_send, PyMethodDef* methods) except -1
     object PyCFunction_NewEx(PyMethodDef* ml, PyObject* self, PyObject* module)
@@ -371,10 +372,15 @@ cdef extern from *:
     static GB_THREAD_LOCAL PyObject *gb_pool = NULL;
     static GB_THREAD_LOCAL uint64_t gb_pool_owner = 0;
 
-    static inline PyObject *gb_thread_pool(void) {
-        if (gb_pool != NULL && gb_pool_owner != PyThreadState_GetID(PyThreadState_Get()))
+    /* The pool, for code that knows the id of its thread state already. */
+    static inline PyObject *gb_pool_of(uint64_t tstate_id) {
+        if (gb_pool != NULL && gb_pool_owner != tstate_id)
             gb_pool = NULL;
         return gb_pool;
+    }
+
+    static inline PyObject *gb_thread_pool(void) {
+        return gb_pool_of(PyThreadState_GetID(PyThreadState_Get()));
     }
 
     static inline uint64_t gb_tstate_id(void) {
@@ -388,6 +394,7 @@ cdef extern from *:
     """
     PyObject* gb_pool
     PyObject* gb_thread_pool()
+    PyObject* gb_pool_of(uint64_t tstate_id)
     void gb_set_thread_pool(PyObject* pool)
     uint64_t gb_tstate_id()
 
@@ -425,8 +432,7 @@ cdef class _WorkerPool:
         cdef int i
         for i in range(self.count):
             if self.contexts[i] == ctx:
-                if PyObject_SetAttr(self.workers[i], <PyObject*>_GR_CONTEXT,
-                                    <PyObject*>None) < 0:
+                if _set_context(self.workers[i], <PyObject*>None) < 0:
                     PyErr_WriteUnraisable(self.workers[i])
                 self.contexts[i] = <PyObject*>None
 
@@ -436,6 +442,41 @@ cdef object _thread_state = threading.local()
 # Portal._abandon): kept alive for good, never switched into.
 cdef list _abandoned_greenlets = []
 cdef object _GR_CONTEXT = "gr_context"
+
+cdef extern from *:
+    """
+    /* greenlet's own setter of gr_context, called directly for greenback's
+       workers: what setattr(worker, "gr_context", ctx) ends up calling, minus
+       the attribute lookup. Set once the worker class exists (see
+       _use_context_setter); until then, and for any other object, setattr. */
+    static PyTypeObject *gb_worker_type = NULL;
+    static setter gb_context_setter = NULL;
+    static void *gb_context_closure = NULL;
+
+    static void gb_use_context_setter(PyObject *worker_type, PyObject *descr) {
+        if (!Py_IS_TYPE(descr, &PyGetSetDescr_Type))
+            return;
+        PyGetSetDef *def = ((PyGetSetDescrObject *)descr)->d_getset;
+        if (def->set == NULL)
+            return;
+        gb_context_setter = def->set;
+        gb_context_closure = def->closure;
+        gb_worker_type = (PyTypeObject *)worker_type;
+    }
+
+    static inline int gb_set_context(PyObject *g, PyObject *name, PyObject *ctx) {
+        if (Py_TYPE(g) == gb_worker_type)
+            return gb_context_setter(g, ctx, gb_context_closure);
+        return PyObject_SetAttr(g, name, ctx);
+    }
+    """
+    void gb_use_context_setter(object worker_type, object descr)
+    int gb_set_context(PyObject* g, PyObject* name, PyObject* ctx)
+
+
+cdef inline int _set_context(PyObject* worker, PyObject* ctx) noexcept:
+    """setattr(worker, "gr_context", ctx): 0, or -1 with an exception set."""
+    return gb_set_context(worker, <PyObject*>_GR_CONTEXT, ctx)
 
 
 def _release_parked_workers():
@@ -472,10 +513,11 @@ cdef int _set_parent(PyObject* worker, PyObject* step) noexcept:
     return PyGreenlet_SetParent(<PyGreenlet*>worker, <PyGreenlet*>step)
 
 
-cdef void _park(object worker, PyObject* ctx) noexcept:
-    """Return an idle worker, which holds context `ctx`, to this thread's pool."""
+cdef void _park(object worker, PyObject* ctx, uint64_t tstate_id) noexcept:
+    """Return an idle worker, which holds context `ctx`, to the pool of this
+    thread (whose thread state has id `tstate_id`)."""
     cdef _WorkerPool pool
-    cdef PyObject* p = gb_thread_pool()
+    cdef PyObject* p = gb_pool_of(tstate_id)
     if p == NULL:
         return  # the thread's pool is gone; let the worker go
     pool = <_WorkerPool>p
@@ -605,6 +647,7 @@ cdef class Portal:
         cdef PyObject* prev
         cdef PyObject* r
         cdef PyObject* ctx
+        cdef uint64_t tstate_id
         if self.running:
             PyErr_SetString(PyExc_ValueError, "coroutine already executing")
             return -1
@@ -614,7 +657,8 @@ cdef class Portal:
         if gb_check_stack() < 0:
             return -1
         self.started = True
-        if self.resume is not None and self.worker_tstate != gb_tstate_id():
+        tstate_id = gb_tstate_id()
+        if self.resume is not None and self.worker_tstate != tstate_id:
             # Suspended mid-step in a thread state that is gone: a native
             # thread's earlier callback. Switching back into frames of a
             # deleted thread state crashes, in greenlet, so fail instead.
@@ -633,7 +677,7 @@ cdef class Portal:
             ctx = <PyObject*>None
         if self.resume is None:
             # Nothing is suspended mid-step: any idle worker can run this one.
-            if self._take_worker(ctx) < 0:
+            if self._take_worker(ctx, tstate_id) < 0:
                 return -1
         elif ctx != <PyObject*>self.last_ctx:
             if self._follow_context(ctx) < 0:
@@ -658,7 +702,7 @@ cdef class Portal:
                 # The exception ends the step; a dead worker can't serve
                 # another one, so the portal is over.
                 self.out_kind = OUT_NONE
-                self._finish()
+                self._finish(tstate_id)
             # Otherwise the switch itself failed: stepped from another
             # thread than the worker's (greenlet.error says so).
             return -1
@@ -667,10 +711,10 @@ cdef class Portal:
         if self.out_kind == OUT_YIELD:
             if self.resume is None:
                 # The step ended in a native await: the worker is idle again.
-                _park(self.worker, <PyObject*>self.last_ctx)
+                _park(self.worker, <PyObject*>self.last_ctx, tstate_id)
                 self.worker = None
             return 0
-        self._finish()
+        self._finish(tstate_id)
         if self.out_kind == OUT_RETURN:
             return 1
         if self.out_kind == OUT_RAISE:
@@ -714,12 +758,12 @@ cdef class Portal:
         Py_DECREF(<object>it)
         return 0
 
-    cdef int _take_worker(self, PyObject* ctx) noexcept:
+    cdef int _take_worker(self, PyObject* ctx, uint64_t tstate_id) noexcept:
         """Attach an idle worker and give it the context `ctx`."""
         cdef PyObject* w
         cdef PyObject* held
         cdef _WorkerPool pool
-        cdef PyObject* p = gb_thread_pool()
+        cdef PyObject* p = gb_pool_of(tstate_id)
         if p != NULL and (<_WorkerPool>p).count > 0:
             pool = <_WorkerPool>p
             pool.count -= 1
@@ -735,13 +779,12 @@ cdef class Portal:
             Py_DECREF(<object>w)
             held = <PyObject*>None  # a new greenlet has no context yet
         self.resume = self.worker
-        if held != ctx and PyObject_SetAttr(
-                <PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+        if held != ctx and _set_context(<PyObject*>self.worker, ctx) < 0:
             return -1
         if _set_parent(<PyObject*>self.worker, <PyObject*>self.outer) < 0:
             return -1
         self.last_ctx = <object>ctx
-        self.worker_tstate = gb_tstate_id()
+        self.worker_tstate = tstate_id
         return 0
 
     cdef int _follow_context(self, PyObject* ctx) noexcept:
@@ -755,7 +798,7 @@ cdef class Portal:
         cdef bint follow = cur == <PyObject*>self.last_ctx
         Py_DECREF(<object>cur)
         if follow:
-            if PyObject_SetAttr(<PyObject*>self.worker, <PyObject*>_GR_CONTEXT, ctx) < 0:
+            if _set_context(<PyObject*>self.worker, ctx) < 0:
                 return -1
             self.last_ctx = <object>ctx
         return 0
@@ -773,7 +816,7 @@ cdef class Portal:
         self.coro = self.awaiting = self.fn = self.args = self.kwargs = None
         self.send_value = self.send_exc = None
 
-    cdef void _finish(self) noexcept:
+    cdef void _finish(self, uint64_t tstate_id) noexcept:
         """Mark the portal done and park its worker for reuse."""
         cdef PyObject* pool
         self.finished = True
@@ -786,15 +829,15 @@ cdef class Portal:
             return
         if self.mode == MODE_TASK and ctx is not None:
             # The task is over: idle workers must not keep its context alive.
-            if PyObject_SetAttr(<PyObject*>worker, <PyObject*>_GR_CONTEXT, <PyObject*>None) < 0:
+            if _set_context(<PyObject*>worker, <PyObject*>None) < 0:
                 PyErr_WriteUnraisable(<PyObject*>worker)
                 return
-            pool = gb_thread_pool()
+            pool = gb_pool_of(tstate_id)
             if pool != NULL:
                 (<_WorkerPool>pool).forget_context(<PyObject*>ctx)
-            _park(worker, <PyObject*>None)
+            _park(worker, <PyObject*>None, tstate_id)
         else:
-            _park(worker, <PyObject*>ctx)
+            _park(worker, <PyObject*>ctx, tstate_id)
 
     # --- the unit of work, on the worker's side ----------------------------
 
@@ -1001,6 +1044,9 @@ cdef class Portal:
     @property
     def provides_portal(self):
         """True while this object gives its task a portal."""
+        return self._provides_portal()
+
+    cdef inline bint _provides_portal(self) noexcept:
         return not self.finished and (self.started or self.mode == MODE_TASK)
 
     def detach(self):
@@ -1103,6 +1149,10 @@ def run_sync_portal(sync_fn, tuple args, dict kwargs):
 def make_task_portal(coro, started):
     """The portal to install as a task's coroutine in place of *coro*;
     *started* says whether *coro* has begun running."""
+    return _make_task_portal(coro, started)
+
+
+cdef Portal _make_task_portal(object coro, bint started):
     cdef Portal portal = Portal.__new__(Portal)
     portal.mode = MODE_TASK
     portal.coro = coro
@@ -1110,14 +1160,24 @@ def make_task_portal(coro, started):
     return portal
 
 
+cdef inline bint _gives_portal(object coro) noexcept:
+    """isinstance(coro, Portal) and coro.provides_portal, without a lookup."""
+    return isinstance(coro, Portal) and (<Portal>coro)._provides_portal()
+
+
 # ---------------------------------------------------------------------------
 # ensure_portal(): once per task, but programs that spawn many portal tasks
-# call it all the time, so it is compiled and looks things up only once.
+# call it all the time, so it is compiled and looks things up only once: no
+# Python frame runs in it but the task lookup's own (trio.lowlevel's
+# current_task) and the checkpoint it returns.
 # ---------------------------------------------------------------------------
 
 cdef object _sniffio_thread_local = sniffio.thread_local
 cdef object _sniffio_cvar = sniffio.current_async_library_cvar
 cdef object _asyncio_current_task = asyncio.current_task
+cdef object _asyncio_get_running_loop = asyncio._get_running_loop
+cdef object _asyncio_checkpoint = _tasks._asyncio_checkpoint
+cdef object _trio_lowlevel = None  # trio.lowlevel, once a Trio task needed it
 cdef object _c_task_type = type(None)  # _asyncio.Task where it exists
 try:
     from _asyncio import Task as _CTask
@@ -1126,22 +1186,61 @@ except ImportError:  # only CPython has the C Task
     pass
 
 
+cdef object _trio_ll():
+    global _trio_lowlevel
+    if _trio_lowlevel is None:
+        import trio.lowlevel
+        _trio_lowlevel = trio.lowlevel
+    return _trio_lowlevel
+
+
 def portalize_running_task():
-    """ensure_portal()'s work before its checkpoint: give the running task a
-    portal unless it has one, and return the name of its async library."""
+    """ensure_portal()'s work: give the running task a portal unless it has
+    one, and return the checkpoint to await next (what
+    ``_tasks.checkpoint(library)`` returns for the task's library)."""
     if _usable_portal() != NULL:
-        return _tasks.current_library()
+        return _checkpoint(_running_library())
     if PyErr_Occurred():
         gb_propagate()
-    return _install_portal_in_running_task()
+    return _checkpoint(_install_portal_in_running_task())
+
+
+cdef object _checkpoint(str library):
+    # _tasks.checkpoint(library), minus its Python frame.
+    if library == "trio":
+        return _trio_ll().checkpoint()
+    return _asyncio_checkpoint()
+
+
+cdef object _sniffio_name():
+    """What sniffio.current_async_library() looks at first: its thread-local
+    name (Trio sets it while it runs), else its context variable."""
+    cdef PyObject* value
+    name = _sniffio_thread_local.name
+    if name is None:
+        # _sniffio_cvar.get(None); the value is a new reference, or NULL
+        # when the variable is unset and has no default.
+        PyContextVar_Get(_sniffio_cvar, NULL, &value)
+        if value != NULL:
+            name = <object>value
+            Py_DECREF(name)
+    return name
+
+
+cdef str _running_library():
+    """_tasks.current_library(), minus its Python frames where sniffio's
+    answer needs no second look: only "trio" does, when an asyncio loop is
+    running in this thread (perhaps one inside a Trio task)."""
+    name = _sniffio_name()
+    if name == "asyncio" or (name == "trio" and _asyncio_get_running_loop() is None):
+        return name
+    return _tasks.current_library()  # raises outside async code, or if unsupported
 
 
 cdef str _install_portal_in_running_task():
     """Portalize the running task; return its library's name. Detects the
     library in sniffio's order, finding the task only once."""
-    name = _sniffio_thread_local.name  # Trio sets this while it runs
-    if name is None:
-        name = _sniffio_cvar.get()
+    name = _sniffio_name()
     if name is None:
         try:
             task = _asyncio_current_task()
@@ -1150,25 +1249,39 @@ cdef str _install_portal_in_running_task():
         if task is not None:
             _install_in_asyncio_task(task)
             return "asyncio"
+    elif name == "trio" and _asyncio_get_running_loop() is None:
+        # What _tasks.current_library() and current_task_of() would find.
+        _install_in_trio_task(_trio_ll().current_task())
+        return "trio"
     library = _tasks.current_library()  # raises outside async code, or if unsupported
     task = _tasks.current_task_of(library)
     if library == "asyncio":
         _install_in_asyncio_task(task)
-        return library
-    coro = task.coro
-    if not (isinstance(coro, Portal) and (<Portal>coro).provides_portal):
-        # The task is running, so no send is pending for the old coroutine.
-        task.coro = make_task_portal(coro, True)
+    else:
+        _install_in_trio_task(task)
     return library
 
 
+cdef void _install_in_trio_task(object task) except *:
+    coro = task.coro
+    if not _gives_portal(coro):
+        # The task is running, so no send is pending for the old coroutine.
+        task.coro = _make_task_portal(coro, True)
+
+
 cdef void _install_in_asyncio_task(object task) except *:
-    coro = task.get_coro()
-    if isinstance(coro, Portal) and (<Portal>coro).provides_portal:
+    cdef PyObject* field
+    if type(task) is _c_task_type and _c_task_coro_offset > 0:
+        # What get_coro() returns: the field that _set_c_task_coro writes.
+        field = (<PyObject**>(<char*><PyObject*>task + _c_task_coro_offset))[0]
+        coro = <object>field if field != NULL else task.get_coro()
+    else:
+        coro = task.get_coro()
+    if _gives_portal(coro):
         return
-    portal = make_task_portal(coro, True)
+    portal = _make_task_portal(coro, True)
     if isinstance(task, _c_task_type):
-        set_c_task_coro(task, coro, portal)
+        _set_c_task_coro(task, coro, portal)
     else:
         task._coro = portal  # the pure-Python Task lets us assign it
 
@@ -1389,6 +1502,20 @@ cdef class _ParentView:
 _Worker = make_worker_class(_ParentView)
 
 
+def _use_context_setter():
+    # Only where setattr(worker, "gr_context", ...) would reach greenlet's
+    # own getset descriptor (always, unless a class in between overrides it).
+    for klass in _Worker.__mro__:
+        descr = klass.__dict__.get("gr_context")
+        if descr is not None:
+            if klass is greenlet.greenlet:
+                gb_use_context_setter(_Worker, descr)
+            return
+
+
+_use_context_setter()
+
+
 cdef PyObject* _raise(object exc) noexcept:
     # Raise `exc` from the C function above, whose caller adds the traceback
     # entry.
@@ -1517,6 +1644,10 @@ def set_c_task_coro(task, old_coro, new_coro):
     again before every write: if it does not hold *old_coro*, nothing is
     written and RuntimeError is raised.
     """
+    _set_c_task_coro(task, old_coro, new_coro)
+
+
+cdef int _set_c_task_coro(object task, object old_coro, object new_coro) except -1:
     global _c_task_coro_offset
     cdef char* base = <char*><PyObject*>task
     cdef PyObject** slot
@@ -1539,3 +1670,4 @@ def set_c_task_coro(task, old_coro, new_coro):
     Py_INCREF(new_coro)
     slot[0] = <PyObject*>new_coro
     Py_DECREF(old_coro)
+    return 0

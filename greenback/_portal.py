@@ -271,9 +271,10 @@ async def ensure_portal() -> None:
     """
     # The portal takes over at the task's next step, so yield once: after
     # this, await_() works even with no further checkpoint.
-    await _tasks.checkpoint(impl.portalize_running_task())
+    await _portalize()
 
 
+_portalize = impl.portalize_running_task
 _switch_out = impl.await_
 
 

@@ -1038,11 +1038,12 @@ def await_(aw: Awaitable[T]) -> T:
 # --- ensure_portal -------------------------------------------------------------
 
 
-def portalize_running_task() -> str:
-    """ensure_portal()'s work before its checkpoint (see _core)."""
+def portalize_running_task() -> Awaitable[None]:
+    """ensure_portal()'s work: give the running task a portal unless it has
+    one, and return the checkpoint to await next (see _core)."""
     if _usable_portal(greenlet.getcurrent()) is not None:
-        return _tasks.current_library()
-    return _install_portal_in_running_task()
+        return _tasks.checkpoint(_tasks.current_library())
+    return _tasks.checkpoint(_install_portal_in_running_task())
 
 
 def _install_portal_in_running_task() -> str:
