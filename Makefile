@@ -124,12 +124,8 @@ $(UPSTREAM_VENV)/.installed: requirements/bench-upstream.txt
 	$(UPSTREAM_VENV)/bin/python -m pip --disable-pip-version-check -q install -r requirements/bench-upstream.txt
 	touch $@
 
-$(VENV)/.bench-deps: $(STAMP) requirements/bench.txt
-	$(PIP) install -r requirements/bench.txt
-	touch $@
-
 # Alternating processes of both implementations; rewrites docs/performance.md.
-bench: install $(VENV)/.bench-deps $(UPSTREAM_VENV)/.installed
+bench: install $(UPSTREAM_VENV)/.installed
 	cd benchmarks && ../$(VPY) bench.py run --ours ../$(VPY) \
 		--upstream ../$(UPSTREAM_VENV)/bin/python $(BENCH_ARGS)
 

@@ -180,7 +180,6 @@ def test_app_run_fails_loudly_without_a_portal() -> None:
 
 @app_posix_only
 def test_app_run_writes_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # for the chart; installed with the bench requirements
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n\n<!-- results:start -->\n<!-- results:end -->\n\nBy hand.\n")
     configs = "asyncio-plain,asyncio-tree,trio-plain,trio-instrument"
