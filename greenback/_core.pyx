@@ -372,6 +372,10 @@ cdef extern from *:
     static GB_THREAD_LOCAL PyObject *gb_pool = NULL;
     static GB_THREAD_LOCAL uint64_t gb_pool_owner = 0;
 
+    static inline uint64_t gb_tstate_id(void) {
+        return PyThreadState_GetID(PyThreadState_Get());
+    }
+
     /* The pool, for code that knows the id of its thread state already. */
     static inline PyObject *gb_pool_of(uint64_t tstate_id) {
         if (gb_pool != NULL && gb_pool_owner != tstate_id)
@@ -380,16 +384,12 @@ cdef extern from *:
     }
 
     static inline PyObject *gb_thread_pool(void) {
-        return gb_pool_of(PyThreadState_GetID(PyThreadState_Get()));
-    }
-
-    static inline uint64_t gb_tstate_id(void) {
-        return PyThreadState_GetID(PyThreadState_Get());
+        return gb_pool_of(gb_tstate_id());
     }
 
     static inline void gb_set_thread_pool(PyObject *pool) {
         gb_pool = pool;
-        gb_pool_owner = PyThreadState_GetID(PyThreadState_Get());
+        gb_pool_owner = gb_tstate_id();
     }
     """
     PyObject* gb_pool
@@ -1199,7 +1199,7 @@ def portalize_running_task():
     one, and return the checkpoint to await next (what
     ``_tasks.checkpoint(library)`` returns for the task's library)."""
     if _usable_portal() != NULL:
-        return _checkpoint(_running_library())
+        return _checkpoint(_running_library(_sniffio_name()))
     if PyErr_Occurred():
         gb_propagate()
     return _checkpoint(_install_portal_in_running_task())
@@ -1227,11 +1227,11 @@ cdef object _sniffio_name():
     return name
 
 
-cdef str _running_library():
-    """_tasks.current_library(), minus its Python frames where sniffio's
-    answer needs no second look: only "trio" does, when an asyncio loop is
-    running in this thread (perhaps one inside a Trio task)."""
-    name = _sniffio_name()
+cdef str _running_library(object name):
+    """_tasks.current_library(), given what _sniffio_name() said, minus its
+    Python frames where sniffio's answer needs no second look: only "trio"
+    does, when an asyncio loop is running in this thread (perhaps one inside
+    a Trio task)."""
     if name == "asyncio" or (name == "trio" and _asyncio_get_running_loop() is None):
         return name
     return _tasks.current_library()  # raises outside async code, or if unsupported
@@ -1249,16 +1249,12 @@ cdef str _install_portal_in_running_task():
         if task is not None:
             _install_in_asyncio_task(task)
             return "asyncio"
-    elif name == "trio" and _asyncio_get_running_loop() is None:
-        # What _tasks.current_library() and current_task_of() would find.
+    library = _running_library(name)
+    if library == "trio":
+        # What _tasks.current_task_of("trio") returns, minus its frame.
         _install_in_trio_task(_trio_ll().current_task())
-        return "trio"
-    library = _tasks.current_library()  # raises outside async code, or if unsupported
-    task = _tasks.current_task_of(library)
-    if library == "asyncio":
-        _install_in_asyncio_task(task)
     else:
-        _install_in_trio_task(task)
+        _install_in_asyncio_task(_tasks.current_task_of(library))
     return library
 
 
