@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import IO, Any, Awaitable, Callable
 
 import greenback
+from tables import ratio, target_cells
 
 HERE = Path(__file__).resolve().parent
 
@@ -614,15 +615,10 @@ def format_app_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|:---:|",
     ]
     for row in rows:
-        vs_plain = "" if row["vs_plain"] is None else f"{row['vs_plain']:.2f}x"
-        vs_upstream = "" if row["vs_upstream"] is None else f"{row['vs_upstream']:.2f}x"
-        cpu_vs_plain = "" if row["cpu_vs_plain"] is None else f"{row['cpu_vs_plain']:.2f}x"
-        measured = f"{row['measured']:.2f}x" if "measured" in row else ""
-        met = ("yes" if row["met"] else "**no**") if "met" in row else ""
         lines.append(
             f"| {row['loop']} | {row['title']} | {row['impl']} | {row['rps']:,.0f} "
-            f"| {vs_plain} | {vs_upstream} | {row['cpu_us']:.1f} | {cpu_vs_plain} "
-            f"| {row.get('target', '')} | {measured} | {met} |"
+            f"| {ratio(row['vs_plain'])} | {ratio(row['vs_upstream'])} | {row['cpu_us']:.1f} "
+            f"| {ratio(row['cpu_vs_plain'])} {target_cells(row)}"
         )
     return "\n".join(lines)
 

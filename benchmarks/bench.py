@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import app_bench
+from tables import ratio, target_cells
 
 # --------------------------------------------------------------------------
 # The operations. Each takes an iteration count and returns elapsed seconds;
@@ -412,16 +413,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|---:|:---:|",
     ]
     for row in rows:
-        target = row.get("target", "")
-        measured = f"{row['measured']:.2f}x" if "measured" in row else ""
-        met = ("yes" if row["met"] else "**no**") if "met" in row else ""
         upstream = "n/a" if row["upstream_us"] is None else f"{row['upstream_us']:.3f}"
-        vs_upstream = "" if row["ours_vs_upstream"] is None else f"{row['ours_vs_upstream']:.2f}x"
-        upstream_vs_bare = "" if row["upstream_vs_bare"] is None else f"{row['upstream_vs_bare']:.2f}x"
         lines.append(
             f"| {row['library']} | {row['op']} | {row['ours_us']:.3f} | {upstream} "
-            f"| {vs_upstream} | {row['ours_vs_bare']:.2f}x "
-            f"| {upstream_vs_bare} | {target} | {measured} | {met} |"
+            f"| {ratio(row['ours_vs_upstream'])} | {ratio(row['ours_vs_bare'])} "
+            f"| {ratio(row['upstream_vs_bare'])} {target_cells(row)}"
         )
     return "\n".join(lines)
 
